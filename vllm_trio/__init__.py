@@ -1,0 +1,28 @@
+"""vllm-trio: TRIO visual-token pruning for LLaVA-NeXT served by vLLM.
+
+Layout: ``core/`` the algorithm (pure PyTorch); ``processor``/``model``/
+``side_pass`` the vLLM binding; ``plugin``/``patching`` how it is switched on;
+``reference`` the HF-transformers oracle; ``checkpoints`` local test models.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TrioConfig
+
+
+def engine_kwargs(
+    keep_ratio: float = DEFAULT_KEEP_RATIO, depth: int = DEFAULT_DEPTH, **hf_overrides: Any
+) -> dict[str, Any]:
+    """Keyword arguments that switch TRIO on for ``vllm.LLM(...)`` (offline).
+
+    ``LLM(model, **vllm_trio.engine_kwargs(keep_ratio=0.25))`` is the offline
+    equivalent of ``vllm serve model --plugin trio --trio-keep-ratio 0.25``;
+    per prompt, pass ``mm_processor_kwargs={"trio_keep_ratio": r}``.
+    """
+    trio = TrioConfig(keep_ratio=keep_ratio, depth=depth)
+    return {"hf_overrides": {**hf_overrides, **trio.hf_overrides()}}
+
+
+__all__ = ["TrioConfig", "engine_kwargs"]

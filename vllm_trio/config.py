@@ -1,0 +1,62 @@
+"""Server-wide TRIO settings, carried in the model's HF config.
+
+``--plugin trio`` writes these into ``hf_overrides`` so that every process
+(API server, engine core, workers) reads the same values from the one config
+vLLM already ships to all of them, with no globals or environment variables.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .core.budget import validate_keep_ratio
+
+#: Architecture name the plugin registers; ``--plugin trio`` selects it.
+TRIO_ARCH = "TrioLlavaNextForConditionalGeneration"
+#: The stock architecture TRIO extends.
+BASE_ARCH = "LlavaNextForConditionalGeneration"
+
+DEFAULT_KEEP_RATIO = 0.25
+DEFAULT_DEPTH = 2
+
+
+@dataclass(frozen=True)
+class TrioConfig:
+    """Defaults for requests that do not choose their own keep ratio."""
+
+    keep_ratio: float = DEFAULT_KEEP_RATIO
+    depth: int = DEFAULT_DEPTH
+    tau: float = 0.8
+    num_loss_positions: int = 4
+    include_final_position: bool = False
+
+    def __post_init__(self) -> None:
+        validate_keep_ratio(self.keep_ratio, "trio_keep_ratio")
+        if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
+            raise ValueError(f"trio_depth must be an integer >= 0, got {self.depth!r}")
+        if not -1.0 <= self.tau <= 1.0:
+            raise ValueError(f"trio_tau must be in [-1, 1], got {self.tau!r}")
+        if self.num_loss_positions < 1:
+            raise ValueError("trio_num_loss_positions must be >= 1")
+
+    @classmethod
+    def from_hf_config(cls, hf_config: object) -> TrioConfig:
+        """Read ``trio_*`` attributes written by :func:`hf_overrides`."""
+        return cls(
+            keep_ratio=getattr(hf_config, "trio_keep_ratio", DEFAULT_KEEP_RATIO),
+            depth=getattr(hf_config, "trio_depth", DEFAULT_DEPTH),
+            tau=getattr(hf_config, "trio_tau", 0.8),
+            num_loss_positions=getattr(hf_config, "trio_num_loss_positions", 4),
+            include_final_position=getattr(hf_config, "trio_include_final_position", False),
+        )
+
+    def hf_overrides(self) -> dict[str, object]:
+        """What to merge into ``EngineArgs.hf_overrides`` to switch TRIO on."""
+        return {
+            "architectures": [TRIO_ARCH],
+            "trio_keep_ratio": self.keep_ratio,
+            "trio_depth": self.depth,
+            "trio_tau": self.tau,
+            "trio_num_loss_positions": self.num_loss_positions,
+            "trio_include_final_position": self.include_final_position,
+        }

@@ -1,0 +1,130 @@
+"""A plain-PyTorch Llama decoder layer over borrowed weights.
+
+vLLM's own layers cannot be differentiated (their CPU GEMM is a custom op
+without a backward, and their attention needs vLLM's forward context and KV
+cache), so the side pass runs this forward on the very same weight tensors.
+It is also what makes the "queries only at the loss positions" saving possible.
+Tensor-parallel shards work unchanged as long as ``all_reduce`` sums the
+row-parallel outputs across ranks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Rotary:
+    """Rotary embedding table in vLLM's layout: ``cos_sin[pos] = [cos | sin]``."""
+
+    cos_sin: torch.Tensor  # [max_pos, rotary_dim]
+    is_neox: bool = True
+
+    def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cs = self.cos_sin.index_select(0, positions)
+        cos, sin = cs.chunk(2, dim=-1)
+        return cos, sin
+
+
+@dataclass(frozen=True)
+class LlamaLayerWeights:
+    """One decoder layer's weights (possibly one tensor-parallel shard)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    qkv: torch.Tensor  # [(Hq + 2 Hkv) * head_dim, D]: q rows, then k, then v
+    o_proj: torch.Tensor
+    gate_up: torch.Tensor  # [2 I, D]: gate rows, then up rows
+    down: torch.Tensor
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    qkv_bias: torch.Tensor | None = None
+    o_bias: torch.Tensor | None = None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm computed in float32, as HF Llama and vLLM do."""
+    xf = x.float()
+    xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * xf.to(x.dtype)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+    """Rotate ``x`` ``[T, H, hd]`` by per-row ``cos``/``sin`` ``[T, rot/2]``."""
+    rot = cos.shape[-1] * 2
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    cos = cos.unsqueeze(1).to(x.dtype)
+    sin = sin.unsqueeze(1).to(x.dtype)
+    if is_neox:
+        x1, x2 = x_rot.chunk(2, dim=-1)
+        out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    else:
+        x1, x2 = x_rot[..., 0::2], x_rot[..., 1::2]
+        out = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    return torch.cat([out, x_pass], dim=-1)
+
+
+def _identity(x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def decoder_layer(
+    hidden: torch.Tensor,
+    w: LlamaLayerWeights,
+    rotary: Rotary,
+    positions: torch.Tensor,
+    query_index: torch.Tensor | None = None,
+    all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+) -> torch.Tensor:
+    """Residual-stream output of one Llama layer.
+
+    Args:
+        hidden: ``[S, D]`` residual stream entering the layer.
+        positions: ``[S]`` rotary positions of the rows.
+        query_index: rows whose output is wanted (default: all). Keys and
+            values are computed for every row; queries, the MLP and the
+            residual only for these rows, which is exact under causal attention.
+        all_reduce: sums row-parallel partial outputs across TP ranks.
+    """
+    seq = hidden.shape[0]
+    qi = torch.arange(seq, device=hidden.device) if query_index is None else query_index
+    x = rms_norm(hidden, w.input_norm, w.eps)
+    q_size = w.num_heads * w.head_dim
+    kv_size = w.num_kv_heads * w.head_dim
+    wq, wk, wv = w.qkv.split([q_size, kv_size, kv_size], dim=0)
+    bq = bk = bv = None
+    if w.qkv_bias is not None:
+        bq, bk, bv = w.qkv_bias.split([q_size, kv_size, kv_size])
+    q = F.linear(x.index_select(0, qi), wq, bq).view(-1, w.num_heads, w.head_dim)
+    k = F.linear(x, wk, bk).view(seq, w.num_kv_heads, w.head_dim)
+    v = F.linear(x, wv, bv).view(seq, w.num_kv_heads, w.head_dim)
+
+    cos_q, sin_q = rotary.cos_sin_at(positions.index_select(0, qi))
+    cos_k, sin_k = rotary.cos_sin_at(positions)
+    q = apply_rotary(q, cos_q, sin_q, rotary.is_neox)
+    k = apply_rotary(k, cos_k, sin_k, rotary.is_neox)
+
+    # Causal by row index: row qi[t] sees rows 0..qi[t].
+    mask = torch.arange(seq, device=hidden.device)[None, :] <= qi[:, None]
+    attn = F.scaled_dot_product_attention(
+        q.transpose(0, 1),
+        k.transpose(0, 1),
+        v.transpose(0, 1),
+        attn_mask=mask,
+        enable_gqa=w.num_heads != w.num_kv_heads,
+    )
+    attn = attn.transpose(0, 1).reshape(qi.shape[0], q_size)
+    attn_out = all_reduce(F.linear(attn, w.o_proj))
+    if w.o_bias is not None:
+        attn_out = attn_out + w.o_bias
+    h = hidden.index_select(0, qi) + attn_out
+
+    y = rms_norm(h, w.post_norm, w.eps)
+    gate, up = F.linear(y, w.gate_up).chunk(2, dim=-1)
+    return h + all_reduce(F.linear(F.silu(gate) * up, w.down))

@@ -1,0 +1,110 @@
+"""vLLM model class: LLaVA-NeXT whose image embeddings are pruned by TRIO.
+
+``embed_multimodal`` encodes all N tokens of an image, rebuilds the prompt the
+processor saw (text + this image's N embeddings), runs the side pass at depth
+L with the language model's own weights, and returns the k kept embeddings in
+their original order: exactly the k placeholders the processor reserved.
+
+Other images of the same prompt are left out of an image's side-pass context
+(each item is scored on its own), because vLLM may encode the items of one
+request in different steps and the selection must not depend on scheduling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from vllm.config import VllmConfig
+from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings
+from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
+from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
+from vllm.multimodal import MULTIMODAL_REGISTRY
+
+from .config import TrioConfig
+from .core import TrioParams
+from .processor import TRIO_FIELDS, TrioLlavaNextMultiModalProcessor, TrioLlavaNextProcessingInfo
+from .side_pass import LlamaSidePass
+
+
+@MULTIMODAL_REGISTRY.register_processor(
+    TrioLlavaNextMultiModalProcessor,
+    info=TrioLlavaNextProcessingInfo,
+    dummy_inputs=LlavaDummyInputsBuilder,
+)
+class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
+    """LLaVA-NeXT with TRIO visual-token pruning at the input."""
+
+    def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
+            raise NotImplementedError(
+                "vllm-trio: the TRIO side pass does not support tensor or pipeline "
+                "parallelism yet; run with --tensor-parallel-size 1 and scale out with replicas"
+            )
+        self.trio_config = TrioConfig.from_hf_config(self.config)
+        self.trio_params = TrioParams(
+            tau=self.trio_config.tau,
+            num_loss_positions=self.trio_config.num_loss_positions,
+            include_final_position=self.trio_config.include_final_position,
+        )
+        self._side_pass = LlamaSidePass(
+            self.language_model, self.trio_config.depth, self.config.text_config.vocab_size
+        )
+        #: Kept indices (into each image's N tokens) of the latest call, by
+        #: item; read by tests and debugging tools through ``LLM.apply_model``.
+        self.trio_last_selections: list[torch.Tensor] = []
+
+    def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
+        trio = {name: kwargs.pop(name, None) for name in TRIO_FIELDS}
+        image_input = self._parse_and_validate_image_input(**kwargs)
+        if image_input is None:
+            return []
+        features = self._process_image_input(image_input)
+        if trio["trio_num_keep"] is None:
+            return features
+        selections, pruned = [], []
+        for i, feats in enumerate(features):
+            k = int(_item(trio["trio_num_keep"], i))
+            if k >= feats.shape[0]:
+                keep = torch.arange(feats.shape[0], device=feats.device)
+            else:
+                keep = self._select(
+                    feats, _item(trio["trio_prompt_ids"], i), int(_item(trio["trio_ordinal"], i)), k
+                )
+            selections.append(keep)
+            pruned.append(feats.index_select(0, keep))
+        self.trio_last_selections = selections
+        return pruned
+
+    def _select(self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int, k: int) -> torch.Tensor:
+        """Kept indices of one image's ``feats`` ``[N, D]``, scored in its prompt."""
+        embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
+        return self._side_pass.select(embeds, visual_index, k, self.trio_params).keep
+
+    def _side_pass_context(
+        self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt embeddings with this image's N rows in place of its ``<image>``."""
+        ids = prompt_ids.to(feats.device)
+        is_image = ids == self.config.image_token_index
+        image_pos = torch.nonzero(is_image).squeeze(1)
+        if ordinal >= image_pos.numel():
+            raise ValueError(
+                f"vllm-trio: image #{ordinal} has no <image> placeholder in its prompt"
+            )
+        pos = int(image_pos[ordinal])
+        before = ids[:pos][~is_image[:pos]]
+        after = ids[pos + 1 :][~is_image[pos + 1 :]]
+        text = self.language_model.embed_input_ids(torch.cat([before, after]))
+        embeds = torch.cat([text[: before.numel()], feats.to(text.dtype), text[before.numel() :]])
+        visual_index = torch.arange(before.numel(), before.numel() + feats.shape[0], device=feats.device)
+        return embeds, visual_index
+
+
+def _item(batch: object, i: int) -> torch.Tensor:
+    """Element ``i`` of a batched field (a stacked tensor or a list of tensors)."""
+    if isinstance(batch, torch.Tensor | Sequence):
+        return batch[i]
+    raise TypeError(f"unexpected batched field type {type(batch).__name__}")

@@ -1,0 +1,150 @@
+"""Multimodal processor: gives each image k = f(N, r) placeholder tokens.
+
+The prompt itself gets shorter, so vLLM's scheduler allocates KV blocks for
+the pruned prompt in every layer (the shape of vLLM's EVS video pruning).
+Each image item also carries what the model's side pass needs: the prompt's
+token ids, which ``<image>`` it is, k and the depth.
+
+Cache safety: vLLM keys its processor cache, encoder cache and prefix-cache
+block hashes on the item hash, which covers the image and the processor
+kwargs but not the text. We put the prompt ids, ratio and depth into the
+kwargs (and salt by the item's ordinal), so one image under two questions or
+two ratios never shares a selection. At r = 1 nothing depends on the text and
+the prompt is left out of the hash, keeping cache reuse as stock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+
+import torch
+from transformers import BatchFeature
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.inputs import ProcessorInputs
+from vllm.model_executor.models.llava_next import (
+    LlavaNextMultiModalProcessor,
+    LlavaNextProcessingInfo,
+)
+
+from .config import TrioConfig
+from .core.budget import num_kept_tokens, validate_keep_ratio
+
+#: Request-level processor kwargs understood by TRIO. ``trio_keep_ratio`` is
+#: public (offline: ``mm_processor_kwargs={"trio_keep_ratio": r}``); the
+#: others are filled in by the processor itself.
+KEEP_RATIO_KWARG = "trio_keep_ratio"
+_PROMPT_KWARG = "trio_prompt"
+_DEPTH_KWARG = "trio_depth"
+_ORDINALS_KWARG = "trio_item_ordinals"
+_TRIO_KWARGS = frozenset({KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _ORDINALS_KWARG})
+
+#: Per-image fields handed to the model with the pixels (the depth is
+#: server-wide and read from the config; it is in the kwargs for the hash).
+TRIO_FIELDS = ("trio_prompt_ids", "trio_ordinal", "trio_num_keep")
+
+
+class TrioLlavaNextProcessingInfo(LlavaNextProcessingInfo):
+    def get_trio_config(self) -> TrioConfig:
+        return TrioConfig.from_hf_config(self.get_hf_config())
+
+
+class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNextProcessingInfo]):
+    """LLaVA-NeXT processor that sizes each image's placeholders to k."""
+
+    def apply(self, inputs: ProcessorInputs, timing_ctx):  # type: ignore[override]
+        return super().apply(self._with_request_context(inputs), timing_ctx)
+
+    def get_dummy_inputs(self, seq_len, mm_counts, mm_options) -> ProcessorInputs:  # type: ignore[override]
+        # Profiling must see the largest possible item: no pruning.
+        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
+        return replace(inputs, hf_processor_mm_kwargs={KEEP_RATIO_KWARG: 1.0})
+
+    def _with_request_context(self, inputs: ProcessorInputs) -> ProcessorInputs:
+        """Resolve the ratio and depth, and bind the prompt into the kwargs."""
+        cfg = self.info.get_trio_config()
+        kwargs = dict(inputs.hf_processor_mm_kwargs)
+        ratio = validate_keep_ratio(kwargs.get(KEEP_RATIO_KWARG, cfg.keep_ratio), KEEP_RATIO_KWARG)
+        kwargs[KEEP_RATIO_KWARG] = ratio
+        kwargs[_DEPTH_KWARG] = cfg.depth
+        kwargs.pop(_ORDINALS_KWARG, None)
+        # The prompt travels in the kwargs (not in processor state: requests
+        # are processed on a thread pool), which also puts it in the hash.
+        if ratio < 1.0:
+            kwargs[_PROMPT_KWARG] = tuple(int(t) for t in inputs.prompt)
+        else:
+            kwargs.pop(_PROMPT_KWARG, None)
+        return replace(inputs, hf_processor_mm_kwargs=kwargs)
+
+    def _get_mm_hashes(self, inputs: ProcessorInputs):  # type: ignore[override]
+        hashes = super()._get_mm_hashes(inputs)
+        if KEEP_RATIO_KWARG not in inputs.hf_processor_mm_kwargs:
+            return hashes
+        # The same image twice in one prompt sits at two places in the text,
+        # so its selection differs: salt by ordinal.
+        return {
+            modality: [_salt(h, i) for i, h in enumerate(items)]
+            for modality, items in hashes.items()
+        }
+
+    def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):  # type: ignore[override]
+        kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))
+        cached = mm_is_cached.get("image", [])
+        kwargs[_ORDINALS_KWARG] = tuple(i for i, hit in enumerate(cached) if not hit)
+        return kwargs
+
+    def _call_hf_processor(self, hf_data, hf_kwargs) -> BatchFeature:  # type: ignore[override]
+        trio_kwargs = {k: v for k, v in hf_kwargs.items() if k in _TRIO_KWARGS}
+        stock_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _TRIO_KWARGS}
+        out = super()._call_hf_processor(hf_data, stock_kwargs)
+        if KEEP_RATIO_KWARG in trio_kwargs and "image_sizes" in out:
+            out.update(self._trio_item_fields(out["image_sizes"], trio_kwargs))
+        return out
+
+    def _trio_item_fields(self, image_sizes: torch.Tensor, trio_kwargs: Mapping[str, object]) -> dict[str, object]:
+        num_items = image_sizes.shape[0]
+        ratio = float(trio_kwargs[KEEP_RATIO_KWARG])
+        ordinals = trio_kwargs.get(_ORDINALS_KWARG) or tuple(range(num_items))
+        if len(ordinals) != num_items:
+            raise RuntimeError("TRIO: item ordinals do not match the processed images")
+        prompt = torch.tensor(trio_kwargs.get(_PROMPT_KWARG, ()), dtype=torch.long)
+        num_keep = []
+        for h, w in image_sizes.tolist():
+            n = self.info.get_num_image_tokens(image_width=int(w), image_height=int(h))
+            num_keep.append(num_kept_tokens(n, ratio))
+        return {
+            "trio_prompt_ids": [prompt] * num_items,
+            "trio_ordinal": torch.tensor(ordinals, dtype=torch.long),
+            "trio_num_keep": torch.tensor(num_keep, dtype=torch.long),
+        }
+
+    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
+        for name in TRIO_FIELDS:
+            fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
+        return fields
+
+    def _get_prompt_updates(
+        self,
+        mm_items: MultiModalDataItems,
+        hf_processor_mm_kwargs: Mapping[str, object],
+        out_mm_kwargs: MultiModalKwargsItems,
+    ) -> Sequence[PromptUpdate]:
+        updates = super()._get_prompt_updates(mm_items, hf_processor_mm_kwargs, out_mm_kwargs)
+        image_token_id = self.info.get_hf_config().image_token_index
+        stock = updates[0]
+
+        def replacement(item_idx: int) -> list[int]:
+            item = out_mm_kwargs["image"][item_idx]
+            if "trio_num_keep" in item:
+                return [image_token_id] * int(item["trio_num_keep"].data)
+            return stock.replacement(item_idx)  # type: ignore[operator]
+
+        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+
+
+def _salt(item_hash: str, ordinal: int) -> str:
+    return hashlib.sha256(f"{item_hash}:trio-item-{ordinal}".encode()).hexdigest()

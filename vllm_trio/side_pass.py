@@ -1,0 +1,106 @@
+"""TRIO's side pass over the weights of vLLM's Llama language model.
+
+Why not call vLLM's layers: their CPU GEMM is a custom op without a backward,
+their attention needs vLLM's forward context and KV cache, and on the CPU
+build vLLM even drops a linear layer's ``weight`` after packing it for its
+GEMM kernel. So at model construction we keep references to the parameter
+tensors of decoder layers ``0..L`` (the very tensors the loader fills in
+place), and run the plain-PyTorch layer from ``vllm_trio.core`` over them. On
+GPU these are the same tensors vLLM uses (no copy); on the CPU build the
+references keep ``L + 1`` layers' unpacked weights alive next to vLLM's packed
+copy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .core import LlamaLayerWeights, Rotary, Selection, TrioParams, decoder_layer, rms_norm
+from .core import select_visual_tokens
+
+
+class _LayerRefs:
+    """Parameter references of one vLLM ``LlamaDecoderLayer``, taken before loading."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        attn, mlp = layer.self_attn, layer.mlp
+        self.input_norm = layer.input_layernorm.weight
+        self.post_norm = layer.post_attention_layernorm.weight
+        self.eps = float(layer.input_layernorm.variance_epsilon)
+        self.qkv = attn.qkv_proj.weight
+        self.qkv_bias = getattr(attn.qkv_proj, "bias", None)
+        self.o_proj = attn.o_proj.weight
+        self.o_bias = getattr(attn.o_proj, "bias", None)
+        self.gate_up = mlp.gate_up_proj.weight
+        self.down = mlp.down_proj.weight
+        self.num_heads = int(attn.num_heads)
+        self.num_kv_heads = int(attn.num_kv_heads)
+        self.head_dim = int(attn.head_dim)
+        self.rotary_module = attn.rotary_emb
+
+    def weights(self) -> LlamaLayerWeights:
+        return LlamaLayerWeights(
+            input_norm=self.input_norm.data,
+            post_norm=self.post_norm.data,
+            eps=self.eps,
+            qkv=self.qkv.data,
+            o_proj=self.o_proj.data,
+            gate_up=self.gate_up.data,
+            down=self.down.data,
+            num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads,
+            head_dim=self.head_dim,
+            qkv_bias=None if self.qkv_bias is None else self.qkv_bias.data,
+            o_bias=None if self.o_bias is None else self.o_bias.data,
+        )
+
+    def rotary(self) -> Rotary:
+        rope = self.rotary_module
+        return Rotary(cos_sin=rope.cos_sin_cache, is_neox=bool(rope.is_neox_style))
+
+
+class LlamaSidePass:
+    """Scores visual tokens with layers ``0..depth`` of a vLLM ``LlamaForCausalLM``."""
+
+    def __init__(self, language_model: nn.Module, depth: int, vocab_size: int) -> None:
+        layers = language_model.model.layers
+        if depth >= len(layers):
+            raise ValueError(
+                f"trio_depth={depth} must be smaller than the number of decoder layers ({len(layers)})"
+            )
+        self.depth = depth
+        self._layers = [_LayerRefs(layers[i]) for i in range(depth + 1)]
+        self._norm = language_model.model.norm
+        self._lm_head = language_model.lm_head
+        self._vocab_size = vocab_size
+
+    def hidden_at_depth(self, embeds: torch.Tensor) -> torch.Tensor:
+        """Residual stream entering layer ``depth`` (forward only, full prompt)."""
+        positions = torch.arange(embeds.shape[0], device=embeds.device)
+        hidden = embeds
+        with torch.no_grad():
+            for refs in self._layers[: self.depth]:
+                hidden = decoder_layer(hidden, refs.weights(), refs.rotary(), positions)
+        return hidden
+
+    def select(self, embeds: torch.Tensor, visual_index: torch.Tensor, k: int, params: TrioParams) -> Selection:
+        """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``."""
+        hidden = self.hidden_at_depth(embeds)
+        refs = self._layers[self.depth]
+        weights, rotary = refs.weights(), refs.rotary()
+        positions = torch.arange(embeds.shape[0], device=embeds.device)
+        norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
+        head_w = self._lm_head.weight.data[: self._vocab_size]
+
+        def layer_fn(h: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+            return decoder_layer(h, weights, rotary, positions, query_index)
+
+        def norm_fn(h: torch.Tensor) -> torch.Tensor:
+            return rms_norm(h, norm_w, norm_eps)
+
+        def head_fn(h: torch.Tensor) -> torch.Tensor:
+            return F.linear(h, head_w)
+
+        return select_visual_tokens(hidden, visual_index, k, layer_fn, norm_fn, head_fn, params)
