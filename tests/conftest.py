@@ -1,0 +1,94 @@
+"""Shared fixtures: one locally built checkpoint and one engine of each kind per session.
+
+Engines start in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so tests can
+read vLLM's own scheduler state and the model's last selection directly.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+from PIL import Image  # noqa: E402
+
+#: Depth used by engine tests (the tiny model has 4 decoder layers).
+TEST_DEPTH = 1
+#: Engine settings shared by every engine the tests start.
+ENGINE_KWARGS = dict(
+    max_model_len=2048,
+    enforce_eager=True,
+    kv_cache_memory_bytes=64 << 20,
+    limit_mm_per_prompt={"image": 2},
+    seed=0,
+)
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from vllm_trio.checkpoints import build_checkpoint
+
+    return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
+
+
+def make_image(seed: int, size: tuple[int, int] = (112, 112)) -> Image.Image:
+    """A deterministic RGB test image with some structure (blocks + noise)."""
+    rng = np.random.RandomState(seed)
+    w, h = size
+    base = rng.randint(0, 255, size=(4, 4, 3)).astype(np.float32)
+    img = np.kron(base, np.ones((h // 4 + 1, w // 4 + 1, 1)))[:h, :w]
+    img = np.clip(img + rng.normal(0, 20, size=img.shape), 0, 255).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+def chat_prompt(question: str, num_images: int = 1) -> str:
+    """The tiny checkpoint's vicuna-style prompt with ``num_images`` placeholders."""
+    return "USER: " + "<image>\n" * num_images + question + " ASSISTANT:"
+
+
+@pytest.fixture(scope="session")
+def trio_llm(tiny_ckpt: Path):
+    """TRIO engine: prefix caching on, chunked prefill with small chunks."""
+    from vllm import LLM
+
+    import vllm_trio
+
+    return LLM(
+        model=str(tiny_ckpt),
+        enable_prefix_caching=True,
+        enable_chunked_prefill=True,
+        max_num_batched_tokens=96,
+        **ENGINE_KWARGS,
+        **vllm_trio.engine_kwargs(keep_ratio=0.25, depth=TEST_DEPTH),
+    )
+
+
+@pytest.fixture(scope="session")
+def trio_llm_nocache(tiny_ckpt: Path):
+    """TRIO engine with every cache off and no chunking: the 'alone' baseline."""
+    from vllm import LLM
+
+    import vllm_trio
+
+    return LLM(
+        model=str(tiny_ckpt),
+        enable_prefix_caching=False,
+        mm_processor_cache_gb=0,
+        max_num_batched_tokens=2048,
+        **ENGINE_KWARGS,
+        **vllm_trio.engine_kwargs(keep_ratio=0.25, depth=TEST_DEPTH),
+    )
+
+
+@pytest.fixture(scope="session")
+def stock_llm(tiny_ckpt: Path):
+    """Stock vLLM LLaVA-NeXT on the same checkpoint (package installed, TRIO off)."""
+    from vllm import LLM
+
+    return LLM(model=str(tiny_ckpt), enable_prefix_caching=False, **ENGINE_KWARGS)
