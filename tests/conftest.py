@@ -27,6 +27,9 @@ ENGINE_KWARGS = dict(
     kv_cache_memory_bytes=64 << 20,
     limit_mm_per_prompt={"image": 2},
     seed=0,
+    # Exact comparisons with the HF side need the checkpoint's float32 (vLLM's
+    # CPU build would otherwise pick bfloat16).
+    dtype="float32",
 )
 
 

@@ -12,7 +12,9 @@ request in different steps and the selection must not depend on scheduling.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from vllm.config import VllmConfig
@@ -52,9 +54,9 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         self._side_pass = LlamaSidePass(
             self.language_model, self.trio_config.depth, self.config.text_config.vocab_size
         )
-        #: Kept indices (into each image's N tokens) of the latest call, by
-        #: item; read by tests and debugging tools through ``LLM.apply_model``.
-        self.trio_last_selections: list[torch.Tensor] = []
+        #: Recent selections, newest last; read by tests and debugging tools
+        #: through ``LLM.apply_model``. Bounded, so it never grows.
+        self.trio_selection_log: deque[SelectionRecord] = deque(maxlen=256)
 
     def embed_multimodal(self, **kwargs: object) -> MultiModalEmbeddings:
         trio = {name: kwargs.pop(name, None) for name in TRIO_FIELDS}
@@ -64,18 +66,19 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         features = self._process_image_input(image_input)
         if trio["trio_num_keep"] is None:
             return features
-        selections, pruned = [], []
+        pruned = []
         for i, feats in enumerate(features):
             k = int(_item(trio["trio_num_keep"], i))
             if k >= feats.shape[0]:
-                keep = torch.arange(feats.shape[0], device=feats.device)
-            else:
-                keep = self._select(
-                    feats, _item(trio["trio_prompt_ids"], i), int(_item(trio["trio_ordinal"], i)), k
-                )
-            selections.append(keep)
+                pruned.append(feats)
+                continue
+            prompt_ids = _item(trio["trio_prompt_ids"], i)
+            ordinal = int(_item(trio["trio_ordinal"], i))
+            keep = self._select(feats, prompt_ids, ordinal, k)
+            self.trio_selection_log.append(
+                SelectionRecord(tuple(prompt_ids.tolist()), ordinal, feats.shape[0], keep.tolist())
+            )
             pruned.append(feats.index_select(0, keep))
-        self.trio_last_selections = selections
         return pruned
 
     def _select(self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int, k: int) -> torch.Tensor:
@@ -101,6 +104,16 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         embeds = torch.cat([text[: before.numel()], feats.to(text.dtype), text[before.numel() :]])
         visual_index = torch.arange(before.numel(), before.numel() + feats.shape[0], device=feats.device)
         return embeds, visual_index
+
+
+@dataclass(frozen=True)
+class SelectionRecord:
+    """One image's selection: its prompt, which ``<image>`` it is, N, kept indices."""
+
+    prompt_ids: tuple[int, ...]
+    ordinal: int
+    num_tokens: int
+    keep: list[int]
 
 
 def _item(batch: object, i: int) -> torch.Tensor:
