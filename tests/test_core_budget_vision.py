@@ -121,8 +121,7 @@ def test_average_kept_other_cases() -> None:
     # A budget above N keeps N.
     assert Schedule.single(0, 1000).average_kept(576, 32) == 576.0
     assert (
-        Schedule.from_lists([0, 8], [600, 100]).average_kept(576, 32)
-        == (576 * 8 + 100 * 24) / 32
+        Schedule.from_lists([0, 8], [600, 100]).average_kept(576, 32) == (576 * 8 + 100 * 24) / 32
     )
 
 
@@ -167,9 +166,7 @@ def test_window_topk_matches_naive(
     gen = torch.Generator().manual_seed(grid[0] * 100 + per_window)
     n = grid[0] * grid[1]
     scores = (
-        torch.randint(0, 4, (n,), generator=gen).float()
-        if ties
-        else torch.rand(n, generator=gen)
+        torch.randint(0, 4, (n,), generator=gen).float() if ties else torch.rand(n, generator=gen)
     )
     got = window_topk(scores, grid, per_window, window)
     assert got.tolist() == naive_window_topk(scores, grid, per_window, window)
@@ -210,12 +207,8 @@ def test_vision_stage_adversarial_overlap_and_budget_edges() -> None:
     deep[local] = 1.0
     keep = vision_stage_select(shallow, deep, (24, 24), 96)
     assert keep.numel() == 96 and len(set(keep.tolist())) == 96
-    assert vision_stage_select(shallow, deep, (24, 24), 576).tolist() == list(
-        range(576)
-    )
-    assert vision_stage_select(shallow, deep, (24, 24), 1000).tolist() == list(
-        range(576)
-    )
+    assert vision_stage_select(shallow, deep, (24, 24), 576).tolist() == list(range(576))
+    assert vision_stage_select(shallow, deep, (24, 24), 1000).tolist() == list(range(576))
 
 
 @pytest.mark.parametrize("budget", [10, 31, 64, 96, 100, 200, 575])
@@ -240,9 +233,7 @@ def naive_merge(features: torch.Tensor, keep: list[int]) -> torch.Tensor:
         if j in keep:
             continue
         sims = [
-            float(
-                F.cosine_similarity(features[j].double(), features[t].double(), dim=0)
-            )
+            float(F.cosine_similarity(features[j].double(), features[t].double(), dim=0))
             for t in keep
         ]
         best = keep[max(range(len(keep)), key=lambda i: (sims[i], -i))]
@@ -257,9 +248,7 @@ def test_merge_dropped_matches_naive(seed: int) -> None:
     features = torch.randn(n, 16, generator=gen)
     keep = torch.sort(torch.randperm(n, generator=gen)[: 5 + seed]).values
     got = merge_dropped(features, keep)
-    torch.testing.assert_close(
-        got, naive_merge(features, keep.tolist()), rtol=1e-5, atol=1e-6
-    )
+    torch.testing.assert_close(got, naive_merge(features, keep.tolist()), rtol=1e-5, atol=1e-6)
 
 
 def test_merge_dropped_edges() -> None:

@@ -78,13 +78,9 @@ def weights_of(layer: LlamaDecoderLayer, cfg: LlamaConfig) -> LlamaLayerWeights:
     )
 
 
-def vllm_cos_sin(
-    rotary_dim: int, max_pos: int = 512, base: float = THETA
-) -> torch.Tensor:
+def vllm_cos_sin(rotary_dim: int, max_pos: int = 512, base: float = THETA) -> torch.Tensor:
     """vLLM's ``RotaryEmbedding`` cache: row p is ``[cos(p f) | sin(p f)]``."""
-    inv_freq = 1.0 / (
-        base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim)
-    )
+    inv_freq = 1.0 / (base ** (torch.arange(0, rotary_dim, 2, dtype=torch.float) / rotary_dim))
     freqs = torch.einsum("i,j->ij", torch.arange(max_pos, dtype=torch.float), inv_freq)
     return torch.cat([freqs.cos(), freqs.sin()], dim=-1)
 
@@ -106,9 +102,7 @@ def hf_forward(
         past_key_values=None,
         position_ids=torch.arange(hidden.shape[0])[None],
     )
-    return layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)[
-        0
-    ]
+    return layer(x, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)[0]
 
 
 @pytest.mark.parametrize("attn", ["eager", "sdpa"])
@@ -205,9 +199,7 @@ def test_gptj_layer_equals_neox_layer_with_permuted_heads() -> None:
     k_rows = (torch.arange(w.num_kv_heads)[:, None] * hd + perm[None]).flatten()
     q_size, kv_size = w.num_heads * hd, w.num_kv_heads * hd
     wq, wk, wv = w.qkv.split([q_size, kv_size, kv_size])
-    permuted = LlamaLayerWeights(
-        **{**w.__dict__, "qkv": torch.cat([wq[q_rows], wk[k_rows], wv])}
-    )
+    permuted = LlamaLayerWeights(**{**w.__dict__, "qkv": torch.cat([wq[q_rows], wk[k_rows], wv])})
     table = vllm_cos_sin(hd)
     hidden = torch.randn(20, HIDDEN)
     positions = torch.arange(20)
@@ -227,9 +219,7 @@ def test_gradients_flow_through_query_only_layer() -> None:
     qi = torch.arange(25, 29)
 
     h1 = hidden.clone().requires_grad_(True)
-    decoder_layer(h1, weights_of(layer, cfg), rotary, positions, qi).pow(
-        2
-    ).sum().backward()
+    decoder_layer(h1, weights_of(layer, cfg), rotary, positions, qi).pow(2).sum().backward()
     h2 = hidden.clone().requires_grad_(True)
     hf_forward(layer, cfg, h2, positions)[qi].pow(2).sum().backward()
     assert h1.grad is not None and h2.grad is not None

@@ -21,9 +21,7 @@ from torch.overrides import TorchFunctionMode
 from vllm_trio.core.nms import nms_select
 
 
-def greedy_oracle(
-    sim: np.ndarray, scores: list[float], k: int, tau: float
-) -> list[int]:
+def greedy_oracle(sim: np.ndarray, scores: list[float], k: int, tau: float) -> list[int]:
     """The reference's loop: by descending score (ties: lower index), fill-up."""
     n = len(scores)
     order = sorted(range(n), key=lambda i: (-scores[i], i))
@@ -189,9 +187,7 @@ def test_half_precision_features(dtype: torch.dtype) -> None:
     for tau in (0.5, 0.75, 0.8):
         for k in (1, 10, 40):
             got = nms_select(feats, scores, k, tau)
-            want = greedy_oracle(
-                exact_sim(feats.float()), scores.float().tolist(), k, tau
-            )
+            want = greedy_oracle(exact_sim(feats.float()), scores.float().tolist(), k, tau)
             assert got.tolist() == want
     # Continuous half-precision features: the oracle reads the rounded values.
     feats_c = torch.randn(50, 6, generator=gen).to(dtype)

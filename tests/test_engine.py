@@ -63,11 +63,21 @@ def test_selection_equals_pure_pytorch_and_reference(trio_llm_nocache, hf, ratio
     # Same selection from the pure-PyTorch module over HF's weights and hidden states.
     hidden = hf_hidden_entering(model, p, TEST_DEPTH)
     sel = select_visual_tokens(
-        hidden, p.visual_positions, k, *core_fns(model, TEST_DEPTH, hidden.shape[0]), params=TrioParams()
+        hidden,
+        p.visual_positions,
+        k,
+        *core_fns(model, TEST_DEPTH, hidden.shape[0]),
+        params=TrioParams(),
     )
     assert sel.keep.tolist() == vllm_keep
     # ... and from the paper-faithful reference pruning inside the LLM at layer L.
-    ref = prune_forward_hf(model, p.input_ids, p.pixel_values, p.image_sizes, Schedule.single(TEST_DEPTH, k))
+    ref = prune_forward_hf(
+        model,
+        p.input_ids,
+        p.pixel_values,
+        p.image_sizes,
+        Schedule.single(TEST_DEPTH, k),
+    )
     assert ref.kept_positions[0].tolist() == vllm_keep
 
 
@@ -86,9 +96,15 @@ def test_kv_blocks_shrink_with_the_prompt(trio_llm_nocache) -> None:
 
 
 def test_ratio_one_equals_stock_vllm(trio_llm_nocache, stock_llm) -> None:
-    reqs = [_request("describe", [make_image(13)], 1.0), _request("compare", [make_image(14), make_image(15, (168, 56))], 1.0)]
+    reqs = [
+        _request("describe", [make_image(13)], 1.0),
+        _request("compare", [make_image(14), make_image(15, (168, 56))], 1.0),
+    ]
     trio = _generate(trio_llm_nocache, reqs)
-    stock = _generate(stock_llm, [{k: v for k, v in r.items() if k != "mm_processor_kwargs"} for r in reqs])
+    stock = _generate(
+        stock_llm,
+        [{k: v for k, v in r.items() if k != "mm_processor_kwargs"} for r in reqs],
+    )
     for a, b in zip(trio, stock, strict=True):
         assert a.prompt_token_ids == b.prompt_token_ids
         assert a.outputs[0].token_ids == b.outputs[0].token_ids
@@ -104,7 +120,9 @@ def test_same_image_two_questions_with_prefix_caching(trio_llm, trio_llm_nocache
     sel_a = _selection_for(trio_llm_nocache, tok.encode(qa["prompt"]))
     sel_b = _selection_for(trio_llm_nocache, tok.encode(qb["prompt"]))
     assert sel_a != sel_b  # the question changes the selection ...
-    assert _selection_for(trio_llm, tok.encode(qa["prompt"])) == sel_a  # ... and caching keeps it apart
+    assert (
+        _selection_for(trio_llm, tok.encode(qa["prompt"])) == sel_a
+    )  # ... and caching keeps it apart
     assert _selection_for(trio_llm, tok.encode(qb["prompt"])) == sel_b
     for got, want in zip(cached, alone + alone, strict=True):
         assert got.prompt_token_ids == want.prompt_token_ids
@@ -112,7 +130,11 @@ def test_same_image_two_questions_with_prefix_caching(trio_llm, trio_llm_nocache
 
 
 def test_concurrent_batch_equals_each_request_alone(trio_llm, trio_llm_nocache) -> None:
-    img1, img2, img3 = make_image(17), make_image(18, (168, 56)), make_image(19, (56, 56))
+    img1, img2, img3 = (
+        make_image(17),
+        make_image(18, (168, 56)),
+        make_image(19, (56, 56)),
+    )
     reqs = [
         _request("what is at the top?", [img1], 0.111),
         _request("what is at the top?", [img1], 0.5),
@@ -133,7 +155,10 @@ def test_two_images_each_scored_in_its_own_context(trio_llm_nocache) -> None:
     req = _request("which one has more blue?", [img1, img2], 0.25)
     [out] = _generate(trio_llm_nocache, [req])
     ids = trio_llm_nocache.get_tokenizer().encode(req["prompt"])
-    first, second = _selection_for(trio_llm_nocache, ids, 0), _selection_for(trio_llm_nocache, ids, 1)
+    first, second = (
+        _selection_for(trio_llm_nocache, ids, 0),
+        _selection_for(trio_llm_nocache, ids, 1),
+    )
     assert len(first) == len(second) == num_kept_tokens(88, 0.25)
     assert len(out.prompt_token_ids) == len(ids) - 2 + 2 * num_kept_tokens(88, 0.25)
 

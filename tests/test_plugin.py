@@ -44,7 +44,9 @@ def test_serve_parser_has_trio_group() -> None:
 
     register()
     parser = make_arg_parser(FlexibleArgumentParser())
-    args = parser.parse_args(["--plugin", "trio", "--trio-keep-ratio", "0.111", "--trio-depth", "3"])
+    args = parser.parse_args(
+        ["--plugin", "trio", "--trio-keep-ratio", "0.111", "--trio-depth", "3"]
+    )
     assert args.plugin == ["trio"]
     cfg = patching.trio_config_from_args(args)
     assert cfg == TrioConfig(keep_ratio=0.111, depth=3)
@@ -100,7 +102,9 @@ def test_keep_ratio_from_request_names_the_field() -> None:
         patching.keep_ratio_from_request(req)
     assert err.value.parameter == "vllm_xargs.keep_ratio"
     assert patching.keep_ratio_from_request(argparse.Namespace(vllm_xargs=None)) is None
-    assert patching.keep_ratio_from_request(argparse.Namespace(vllm_xargs={"keep_ratio": 0.5})) == 0.5
+    assert (
+        patching.keep_ratio_from_request(argparse.Namespace(vllm_xargs={"keep_ratio": 0.5})) == 0.5
+    )
 
 
 def test_patch_refuses_other_vllm_versions(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,5 +112,5 @@ def test_patch_refuses_other_vllm_versions(monkeypatch: pytest.MonkeyPatch) -> N
 
     monkeypatch.setattr(patching, "_applied", False)
     monkeypatch.setattr(vllm, "__version__", "0.31.0")
-    with pytest.raises(RuntimeError, match="supports vLLM 0.32.0"):
+    with pytest.raises(RuntimeError, match=r"supports vLLM 0\.32\.0"):
         patching.apply()

@@ -41,7 +41,8 @@ def _run(proc, question: str, images: list, **mm_kwargs):
     prompt = tok.encode("USER: " + "<image>\n" * len(images) + question + " ASSISTANT:")
     items = proc.info.parse_mm_data({"image": images if len(images) > 1 else images[0]})
     return proc.apply(
-        ProcessorInputs(prompt, items, hf_processor_mm_kwargs=mm_kwargs), TimingContext(enabled=False)
+        ProcessorInputs(prompt, items, hf_processor_mm_kwargs=mm_kwargs),
+        TimingContext(enabled=False),
     )
 
 
@@ -83,7 +84,10 @@ def test_server_default_ratio_applies(tiny_ckpt: Path) -> None:
 
 def test_hash_covers_text_ratio_and_position(trio_proc) -> None:
     image = make_image(5)
-    h = lambda q, r: _run(trio_proc, q, [image], trio_keep_ratio=r)["mm_hashes"]["image"][0]  # noqa: E731
+
+    def h(question: str, ratio: float) -> str:
+        return _run(trio_proc, question, [image], trio_keep_ratio=ratio)["mm_hashes"]["image"][0]
+
     assert h("what colour?", 0.25) == h("what colour?", 0.25)
     assert h("what colour?", 0.25) != h("how many?", 0.25)
     assert h("what colour?", 0.25) != h("what colour?", 0.5)

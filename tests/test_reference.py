@@ -105,9 +105,7 @@ def make_prompt(sizes: list[tuple[int, int]], seed: int = 0) -> Prompt:
     rng = np.random.default_rng(seed)
     images = [(rng.random((h, w, 3)) * 255).astype(np.uint8) for h, w in sizes]
     batch = processor(images=images, return_tensors="pt")
-    return Prompt(
-        torch.empty(0, dtype=torch.long), batch["pixel_values"], batch["image_sizes"]
-    )
+    return Prompt(torch.empty(0, dtype=torch.long), batch["pixel_values"], batch["image_sizes"])
 
 
 @pytest.fixture(scope="module")
@@ -115,16 +113,10 @@ def prompt(model: LlavaNextForConditionalGeneration) -> Prompt:
     """``<s> text <image x N> text``, one anyres image (base, 2x2 tiles, newlines)."""
     p = make_prompt([(90, 100)])
     with torch.no_grad():
-        feats = model.model.get_image_features(
-            p.pixel_values, p.image_sizes, return_dict=True
-        )
+        feats = model.model.get_image_features(p.pixel_values, p.image_sizes, return_dict=True)
     n = sum(f.shape[0] for f in feats.pooler_output)
-    text = torch.randint(
-        3, IMAGE_TOKEN, (14,), generator=torch.Generator().manual_seed(1)
-    )
-    p.input_ids = torch.cat(
-        [torch.tensor([1]), text[:5], torch.full((n,), IMAGE_TOKEN), text[5:]]
-    )
+    text = torch.randint(3, IMAGE_TOKEN, (14,), generator=torch.Generator().manual_seed(1))
+    p.input_ids = torch.cat([torch.tensor([1]), text[:5], torch.full((n,), IMAGE_TOKEN), text[5:]])
     return p
 
 
@@ -132,9 +124,7 @@ def prompt(model: LlavaNextForConditionalGeneration) -> Prompt:
 def two_image_prompt(model: LlavaNextForConditionalGeneration) -> Prompt:
     p = make_prompt([(50, 100), (100, 40)], seed=3)
     with torch.no_grad():
-        feats = model.model.get_image_features(
-            p.pixel_values, p.image_sizes, return_dict=True
-        )
+        feats = model.model.get_image_features(p.pixel_values, p.image_sizes, return_dict=True)
     n1, n2 = (f.shape[0] for f in feats.pooler_output)
     p.input_ids = torch.cat(
         [
@@ -193,9 +183,7 @@ def test_keep_all_equals_unpruned_hf(
     n = prompt.num_visual
     schedule = Schedule.from_lists(layers, [keep or n] * len(layers))
     res = run(model, prompt, schedule)
-    torch.testing.assert_close(
-        res.logits_last, hf_last_logits(model, prompt), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(res.logits_last, hf_last_logits(model, prompt), rtol=1e-5, atol=1e-5)
     assert all(k.tolist() == list(range(n)) for k in res.kept_positions)
     assert (
         res.visual_positions.tolist()
@@ -208,9 +196,7 @@ def test_two_images_keep_all_equals_unpruned_hf(
 ) -> None:
     p = two_image_prompt
     res = run(model, p, Schedule.single(1, p.num_visual))
-    torch.testing.assert_close(
-        res.logits_last, hf_last_logits(model, p), rtol=1e-5, atol=1e-5
-    )
+    torch.testing.assert_close(res.logits_last, hf_last_logits(model, p), rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(
@@ -332,17 +318,13 @@ def test_stage_beyond_last_layer_raises(
         run(model, prompt, Schedule.single(4, 10))
 
 
-def test_inference_mode_caller(
-    model: LlavaNextForConditionalGeneration, prompt: Prompt
-) -> None:
+def test_inference_mode_caller(model: LlavaNextForConditionalGeneration, prompt: Prompt) -> None:
     schedule = Schedule.from_lists([1, 2], [20, 8])
     want = run(model, prompt, schedule)
     with torch.inference_mode():
         got = run(model, prompt, schedule)
     torch.testing.assert_close(got.logits_last, want.logits_last)
-    assert [k.tolist() for k in got.kept_positions] == [
-        k.tolist() for k in want.kept_positions
-    ]
+    assert [k.tolist() for k in got.kept_positions] == [k.tolist() for k in want.kept_positions]
 
 
 def test_generate_keep_all_equals_hf_generate(
@@ -369,9 +351,7 @@ def test_generate_keep_all_equals_hf_generate(
     assert ours == out[0, prompt.input_ids.numel() :].tolist()
 
 
-def test_generate_pruned(
-    model: LlavaNextForConditionalGeneration, prompt: Prompt
-) -> None:
+def test_generate_pruned(model: LlavaNextForConditionalGeneration, prompt: Prompt) -> None:
     schedule = Schedule.from_lists([1, 2], [20, 8])
     args = (model, prompt.input_ids, prompt.pixel_values, prompt.image_sizes, schedule)
     tokens = generate_hf(*args, max_new_tokens=5)

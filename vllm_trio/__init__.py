@@ -13,7 +13,9 @@ from .config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TrioConfig
 
 
 def engine_kwargs(
-    keep_ratio: float = DEFAULT_KEEP_RATIO, depth: int = DEFAULT_DEPTH, **hf_overrides: Any
+    keep_ratio: float = DEFAULT_KEEP_RATIO,
+    depth: int = DEFAULT_DEPTH,
+    **hf_overrides: Any,
 ) -> dict[str, Any]:
     """Keyword arguments that switch TRIO on for ``vllm.LLM(...)`` (offline).
 

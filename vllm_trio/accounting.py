@@ -30,7 +30,11 @@ def measure_prompt_kv(llm: Any, prompt: Any, request_id: str = "trio-kv-probe") 
     manager = scheduler.kv_cache_manager
     if engine.has_unfinished_requests():
         raise RuntimeError("measure_prompt_kv needs an idle engine")
-    engine.add_request(request_id, prompt, SamplingParams(max_tokens=64, temperature=0, ignore_eos=True))
+    engine.add_request(
+        request_id,
+        prompt,
+        SamplingParams(max_tokens=64, temperature=0, ignore_eos=True),
+    )
     try:
         # The engine core knows the request under an internal id.
         [internal_id] = list(scheduler.requests)

@@ -86,8 +86,8 @@ DEFAULT_SYSTEM_PROMPT = (
     "questions."
 )
 
-# Vicuna / LLaVA-1.6 prompt format:
-#   "<system> USER: <image>\n<text> ASSISTANT: <answer></s>USER: ..."
+# Vicuna v1 / LLaVA-1.6 prompt format (LLaVA's ``conv_vicuna_v1``):
+#   "<s>{system} USER: <image>\n{text} ASSISTANT: {answer}</s>USER: ... ASSISTANT:"
 # Content may be a string (vLLM's "string" content format, or a plain prompt)
 # or an OpenAI-style list of parts. Images are rendered before text, one
 # "<image>\n" each, as in llava-hf/llava-v1.6-vicuna-7b-hf. vLLM inspects the
@@ -102,41 +102,48 @@ DEFAULT_SYSTEM_PROMPT = (
 # the leading BOS and does not add a second). A templated *string* passed on
 # to a tokenizer needs ``add_special_tokens=False``.
 CHAT_TEMPLATE = (
-    "{%- set image_types = ['image', 'image_url', 'image_pil', 'input_image'] -%}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- if messages[0]['content'] is string -%}"
-    "{%- set system_message = messages[0]['content'] -%}"
-    "{%- else -%}"
-    "{%- set system_message = messages[0]['content'] "
-    "| selectattr('type', 'equalto', 'text') | map(attribute='text') "
-    "| join(' ') -%}"
-    "{%- endif -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}"
-    "{%- set system_message = '" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "' -%}"
-    "{%- set loop_messages = messages -%}"
-    "{%- endif -%}"
-    "{{- bos_token + system_message -}}"
-    "{%- for message in loop_messages -%}"
-    "{%- if message['role'] == 'user' -%}{{- ' USER: ' -}}"
-    "{%- elif message['role'] == 'assistant' -%}{{- ' ASSISTANT: ' -}}"
-    "{%- else -%}{{- ' ' + message['role'] | upper + ': ' -}}"
-    "{%- endif -%}"
-    "{%- if message['content'] is string -%}"
-    "{{- message['content'] -}}"
-    "{%- else -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] in image_types -%}{{- '<image>\\n' -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- for part in message['content'] -%}"
-    "{%- if part['type'] == 'text' -%}"
-    "{{- part['text'] -}}{%- if not loop.last -%}{{- ' ' -}}{%- endif -%}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- endif -%}"
-    "{%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}"
+    """
+{%- set image_types = ['image', 'image_url', 'image_pil', 'input_image'] -%}
+{%- if messages and messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set system_message = messages[0]['content'] -%}
+    {%- else -%}
+        {%- set system_message = messages[0]['content']
+            | selectattr('type', 'equalto', 'text')
+            | map(attribute='text') | join(' ') -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set system_message = default_system_message -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{{- bos_token + system_message -}}
+{%- for message in loop_messages -%}
+    {%- if loop.previtem is defined and loop.previtem['role'] == 'assistant' -%}
+        {%- set sep = '' -%}
+    {%- else -%}
+        {%- set sep = ' ' -%}
+    {%- endif -%}
+    {{- sep + message['role'] | upper + ': ' -}}
+    {%- if message['content'] is string -%}
+        {{- message['content'] -}}
+    {%- elif message['content'] -%}
+        {%- for part in message['content'] -%}
+            {%- if part['type'] in image_types -%}{{- '<image>\\n' -}}{%- endif -%}
+        {%- endfor -%}
+        {{- message['content'] | selectattr('type', 'equalto', 'text')
+            | map(attribute='text') | join(' ') -}}
+    {%- endif -%}
+    {%- if message['role'] == 'assistant' -%}{{- eos_token -}}{%- endif -%}
+{%- endfor -%}
+{%- if add_generation_prompt -%}{{- ' ASSISTANT:' -}}{%- endif -%}
+""".strip()
+    # Inlined rather than passed as a variable: neither vLLM nor HF supplies
+    # ``default_system_message`` when rendering.
+    .replace(
+        "default_system_message",
+        "'" + DEFAULT_SYSTEM_PROMPT.replace("'", "\\'") + "'",
+    )
 )
 
 # Training text for the byte-level BPE tokenizer. It covers the vocabulary the
@@ -342,9 +349,7 @@ def build_tokenizer(spec: CheckpointSpec) -> PreTrainedTokenizerFast:
     from transformers import PreTrainedTokenizerFast
 
     backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(
-        add_prefix_space=False, use_regex=True
-    )
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     backend.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=spec.vocab_size,
@@ -373,15 +378,13 @@ def build_tokenizer(spec: CheckpointSpec) -> PreTrainedTokenizerFast:
         padding_side="left",
         chat_template=CHAT_TEMPLATE,
     )
-    for token, expected_id in zip(SPECIAL_TOKENS, range(len(SPECIAL_TOKENS))):
+    for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.convert_tokens_to_ids(token) != expected_id:
             raise RuntimeError(f"special token {token!r} did not get id {expected_id}")
     return tokenizer
 
 
-def build_processor(
-    spec: CheckpointSpec, tokenizer: PreTrainedTokenizerFast
-) -> LlavaNextProcessor:
+def build_processor(spec: CheckpointSpec, tokenizer: PreTrainedTokenizerFast) -> LlavaNextProcessor:
     """LLaVA-NeXT processor whose tiling and token counts match the model config.
 
     ``num_additional_image_tokens=1`` accounts for CLIP's CLS token, which the
@@ -469,9 +472,7 @@ def build_config(spec: CheckpointSpec) -> LlavaNextConfig:
     return config
 
 
-def _build_model(
-    config: LlavaNextConfig, seed: int
-) -> LlavaNextForConditionalGeneration:
+def _build_model(config: LlavaNextConfig, seed: int) -> LlavaNextForConditionalGeneration:
     """Seeded random model from transformers' own initialisers.
 
     transformers initialises Llama linears and embeddings with
@@ -569,9 +570,7 @@ def _get_spec(preset: str) -> CheckpointSpec:
     try:
         return PRESETS[preset]
     except KeyError:
-        raise ValueError(
-            f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}"
-        ) from None
+        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}") from None
 
 
 def _write_checkpoint(spec: CheckpointSpec, seed: int, out_dir: Path) -> None:
@@ -644,33 +643,45 @@ def build_checkpoint(
     """
     spec = _get_spec(preset)
     out = Path(out_dir).expanduser().resolve()
-    if not overwrite and is_complete_checkpoint(out, preset, seed):
-        return out
-    if out.exists() and not overwrite and any(out.iterdir()):
-        raise FileExistsError(
-            f"{out} is not empty and does not hold a '{preset}' checkpoint with "
-            f"seed {seed}; pass overwrite=True (--overwrite) to replace it"
-        )
+    if not overwrite:
+        if is_complete_checkpoint(out, preset, seed):
+            return out
+        _refuse_foreign(out, preset, seed)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         _write_checkpoint(spec, seed, staging)
         _apply_umask(staging)
-        if out.exists():
-            if out.is_dir():
-                shutil.rmtree(out)
-            else:
-                out.unlink()
+        if not overwrite:
+            if is_complete_checkpoint(out, preset, seed):
+                return out  # A concurrent builder finished first; keep its copy.
+            _refuse_foreign(out, preset, seed)
+        if out.is_dir():
+            shutil.rmtree(out)
+        elif out.exists():
+            out.unlink()
         try:
             os.replace(staging, out)
         except OSError:
-            # Another builder won the race; accept its result if it is ours.
+            # A concurrent builder renamed its copy into place between our
+            # removal and our rename; accept it if it is the same build.
             if not is_complete_checkpoint(out, preset, seed):
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out
+
+
+def _refuse_foreign(out: Path, preset: str, seed: int) -> None:
+    """Raise unless ``out`` is absent or an empty directory."""
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    if out.exists():
+        raise FileExistsError(
+            f"{out} exists and does not hold a complete '{preset}' checkpoint "
+            f"with seed {seed}; pass overwrite=True (--overwrite) to replace it"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -682,13 +693,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--overwrite", action="store_true", help="rebuild even if already built"
-    )
+    parser.add_argument("--overwrite", action="store_true", help="rebuild even if already built")
     args = parser.parse_args(argv)
-    path = build_checkpoint(
-        args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite
-    )
+    path = build_checkpoint(args.out, preset=args.preset, seed=args.seed, overwrite=args.overwrite)
     print(path)
     return 0
 

@@ -26,7 +26,11 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from .config import TrioConfig
 from .core import TrioParams
-from .processor import TRIO_FIELDS, TrioLlavaNextMultiModalProcessor, TrioLlavaNextProcessingInfo
+from .processor import (
+    TRIO_FIELDS,
+    TrioLlavaNextMultiModalProcessor,
+    TrioLlavaNextProcessingInfo,
+)
 from .side_pass import LlamaSidePass
 
 
@@ -52,7 +56,9 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             include_final_position=self.trio_config.include_final_position,
         )
         self._side_pass = LlamaSidePass(
-            self.language_model, self.trio_config.depth, self.config.text_config.vocab_size
+            self.language_model,
+            self.trio_config.depth,
+            self.config.text_config.vocab_size,
         )
         #: Recent selections, newest last; read by tests and debugging tools
         #: through ``LLM.apply_model``. Bounded, so it never grows.
@@ -81,7 +87,9 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             pruned.append(feats.index_select(0, keep))
         return pruned
 
-    def _select(self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int, k: int) -> torch.Tensor:
+    def _select(
+        self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int, k: int
+    ) -> torch.Tensor:
         """Kept indices of one image's ``feats`` ``[N, D]``, scored in its prompt."""
         embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
         return self._side_pass.select(embeds, visual_index, k, self.trio_params).keep
@@ -102,7 +110,9 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
         after = ids[pos + 1 :][~is_image[pos + 1 :]]
         text = self.language_model.embed_input_ids(torch.cat([before, after]))
         embeds = torch.cat([text[: before.numel()], feats.to(text.dtype), text[before.numel() :]])
-        visual_index = torch.arange(before.numel(), before.numel() + feats.shape[0], device=feats.device)
+        visual_index = torch.arange(
+            before.numel(), before.numel() + feats.shape[0], device=feats.device
+        )
         return embeds, visual_index
 
 

@@ -188,9 +188,15 @@ def _patch_online_renderer() -> None:
                     from vllm.exceptions import VLLMValidationError
 
                     try:
-                        validate_keep_ratio(mm_kwargs[KEEP_RATIO_KWARG], f"mm_processor_kwargs.{KEEP_RATIO_KWARG}")
+                        validate_keep_ratio(
+                            mm_kwargs[KEEP_RATIO_KWARG],
+                            f"mm_processor_kwargs.{KEEP_RATIO_KWARG}",
+                        )
                     except ValueError as exc:
-                        raise VLLMValidationError(str(exc), parameter=f"mm_processor_kwargs.{KEEP_RATIO_KWARG}") from exc
+                        raise VLLMValidationError(
+                            str(exc),
+                            parameter=f"mm_processor_kwargs.{KEEP_RATIO_KWARG}",
+                        ) from exc
                 if ratio is not None:
                     mm_kwargs[KEEP_RATIO_KWARG] = ratio
                     request.mm_processor_kwargs = mm_kwargs

@@ -18,5 +18,7 @@ def register() -> None:
     from . import patching
 
     if TRIO_ARCH not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(TRIO_ARCH, "vllm_trio.model:TrioLlavaNextForConditionalGeneration")
+        ModelRegistry.register_model(
+            TRIO_ARCH, "vllm_trio.model:TrioLlavaNextForConditionalGeneration"
+        )
     patching.apply()

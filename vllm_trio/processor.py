@@ -21,14 +21,14 @@ from dataclasses import replace
 
 import torch
 from transformers import BatchFeature
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
-from vllm.multimodal.processing import PromptReplacement, PromptUpdate
-from vllm.multimodal.processing.inputs import ProcessorInputs
 from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
+from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.processing import PromptReplacement, PromptUpdate
+from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from .config import TrioConfig
 from .core.budget import num_kept_tokens, validate_keep_ratio
@@ -104,7 +104,9 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
             out.update(self._trio_item_fields(out["image_sizes"], trio_kwargs))
         return out
 
-    def _trio_item_fields(self, image_sizes: torch.Tensor, trio_kwargs: Mapping[str, object]) -> dict[str, object]:
+    def _trio_item_fields(
+        self, image_sizes: torch.Tensor, trio_kwargs: Mapping[str, object]
+    ) -> dict[str, object]:
         num_items = image_sizes.shape[0]
         ratio = float(trio_kwargs[KEEP_RATIO_KWARG])
         ordinals = trio_kwargs.get(_ORDINALS_KWARG) or tuple(range(num_items))
@@ -121,7 +123,9 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
             "trio_num_keep": torch.tensor(num_keep, dtype=torch.long),
         }
 
-    def _get_mm_fields_config(self, hf_inputs, hf_processor_mm_kwargs) -> Mapping[str, MultiModalFieldConfig]:
+    def _get_mm_fields_config(
+        self, hf_inputs, hf_processor_mm_kwargs
+    ) -> Mapping[str, MultiModalFieldConfig]:
         fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
         for name in TRIO_FIELDS:
             fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
@@ -143,7 +147,9 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
                 return [image_token_id] * int(item["trio_num_keep"].data)
             return stock.replacement(item_idx)  # type: ignore[operator]
 
-        return [PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)]
+        return [
+            PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)
+        ]
 
 
 def _salt(item_hash: str, ordinal: int) -> str:

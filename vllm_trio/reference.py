@@ -77,19 +77,13 @@ def build_inputs_embeds(
     """
     ids = input_ids[None]
     embeds = model.get_input_embeddings()(ids)
-    image_out = model.model.get_image_features(
-        pixel_values, image_sizes, return_dict=True
-    )
+    image_out = model.model.get_image_features(pixel_values, image_sizes, return_dict=True)
     features = torch.cat(image_out.pooler_output, dim=0).to(embeds.device, embeds.dtype)
-    mask = model.model.get_placeholder_mask(
-        ids, inputs_embeds=embeds, image_features=features
-    )
+    mask = model.model.get_placeholder_mask(ids, inputs_embeds=embeds, image_features=features)
     return embeds.masked_scatter(mask, features)[0]
 
 
-def loss_position_mask(
-    seq_len: int, num_positions: int, include_final: bool
-) -> torch.Tensor:
+def loss_position_mask(seq_len: int, num_positions: int, include_final: bool) -> torch.Tensor:
     """Boolean ``[S]``: positions whose logits enter the proxy loss.
 
     Written the way the reference builds it: logits are shifted by one (the
@@ -139,9 +133,7 @@ class _Stack:
         return self.lm_head(self.norm(hidden))
 
 
-def _saliency(
-    stack: _Stack, layer: int, hidden: torch.Tensor, params: TrioParams
-) -> torch.Tensor:
+def _saliency(stack: _Stack, layer: int, hidden: torch.Tensor, params: TrioParams) -> torch.Tensor:
     """``||dLoss/dH||`` per row, the proxy loss computed by HF's layer over all rows."""
     positions = loss_position_mask(
         hidden.shape[0], params.num_loss_positions, params.include_final_position
@@ -196,9 +188,7 @@ def _prefill(
                 kept = nms_select(hidden.detach()[vis], scores, k, params.tau)
             kept_all.append(kept)
             saliency_all.append(scores)
-            row_kept = torch.ones(
-                hidden.shape[0], dtype=torch.bool, device=hidden.device
-            )
+            row_kept = torch.ones(hidden.shape[0], dtype=torch.bool, device=hidden.device)
             row_kept[vis] = False
             row_kept[vis[kept]] = True
             new_row = torch.cumsum(row_kept.long(), 0) - 1  # contiguous renumbering

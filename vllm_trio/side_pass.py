@@ -17,8 +17,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .core import LlamaLayerWeights, Rotary, Selection, TrioParams, decoder_layer, rms_norm
-from .core import select_visual_tokens
+from .core import (
+    LlamaLayerWeights,
+    Rotary,
+    Selection,
+    TrioParams,
+    decoder_layer,
+    rms_norm,
+    select_visual_tokens,
+)
 
 
 class _LayerRefs:
@@ -68,7 +75,8 @@ class LlamaSidePass:
         layers = language_model.model.layers
         if depth >= len(layers):
             raise ValueError(
-                f"trio_depth={depth} must be smaller than the number of decoder layers ({len(layers)})"
+                f"trio_depth={depth} must be smaller than the number of decoder layers "
+                f"({len(layers)})"
             )
         self.depth = depth
         self._layers = [_LayerRefs(layers[i]) for i in range(depth + 1)]
@@ -85,7 +93,13 @@ class LlamaSidePass:
                 hidden = decoder_layer(hidden, refs.weights(), refs.rotary(), positions)
         return hidden
 
-    def select(self, embeds: torch.Tensor, visual_index: torch.Tensor, k: int, params: TrioParams) -> Selection:
+    def select(
+        self,
+        embeds: torch.Tensor,
+        visual_index: torch.Tensor,
+        k: int,
+        params: TrioParams,
+    ) -> Selection:
         """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``."""
         hidden = self.hidden_at_depth(embeds)
         refs = self._layers[self.depth]

@@ -55,7 +55,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * xf.to(x.dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool) -> torch.Tensor:
+def apply_rotary(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
+) -> torch.Tensor:
     """Rotate ``x`` ``[T, H, hd]`` by per-row ``cos``/``sin`` ``[T, rot/2]``."""
     rot = cos.shape[-1] * 2
     x_rot, x_pass = x[..., :rot], x[..., rot:]

@@ -34,7 +34,7 @@ def select_visual_tokens(
     layer_fn: LayerFn,
     norm_fn: NormFn,
     head_fn: HeadFn,
-    params: TrioParams = TrioParams(),
+    params: TrioParams | None = None,
 ) -> Selection:
     """Choose ``k`` of the visual rows ``visual_index`` of ``hidden`` ``[S, D]``.
 
@@ -42,6 +42,7 @@ def select_visual_tokens(
     features are the same hidden rows (un-normalised residual stream), as in
     the reference.
     """
+    params = params or TrioParams()
     saliency = gradient_saliency(
         hidden,
         layer_fn,

@@ -19,7 +19,9 @@ import torch
 import torch.nn.functional as F
 
 
-def window_topk(cls_attn: torch.Tensor, grid: tuple[int, int], per_window: int, window: int = 6) -> torch.Tensor:
+def window_topk(
+    cls_attn: torch.Tensor, grid: tuple[int, int], per_window: int, window: int = 6
+) -> torch.Tensor:
     """Top ``per_window`` patches of each ``window x window`` block, as flat indices."""
     h, w = grid
     if cls_attn.shape != (h * w,):

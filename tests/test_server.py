@@ -1,0 +1,161 @@
+"""The real OpenAI-compatible server on 127.0.0.1, driven by the ``openai`` client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+from collections.abc import Iterator
+
+import pytest
+import requests
+from conftest import make_image
+from openai import BadRequestError, OpenAI
+from server import vllm_server
+
+from vllm_trio.core.budget import num_kept_tokens
+
+pytestmark = pytest.mark.engine
+N_112 = 88  # visual tokens of a 112x112 image on the tiny checkpoint
+
+
+def data_url(image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_messages(question: str, images: list) -> list[dict]:
+    content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
+
+
+@pytest.fixture(scope="module")
+def trio_url(tiny_ckpt, tmp_path_factory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("logs") / "trio_server.log"
+    args = ["--plugin", "trio", "--trio-keep-ratio", "0.25", "--trio-depth", "1"]
+    with vllm_server(tiny_ckpt, args, log) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(trio_url: str) -> OpenAI:
+    return OpenAI(base_url=f"{trio_url}/v1", api_key="unused", max_retries=0, timeout=120)
+
+
+def chat(client: OpenAI, messages: list[dict], keep_ratio: object = None, **kw):
+    extra = {} if keep_ratio is None else {"vllm_xargs": {"keep_ratio": keep_ratio}}
+    model = client.models.list().data[0].id
+    return client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=4,
+        temperature=0,
+        extra_body=extra,
+        **kw,
+    )
+
+
+def test_prompt_tokens_follow_the_ratio(client: OpenAI) -> None:
+    msgs = image_messages("what colour is the circle?", [make_image(30)])
+    full = chat(client, msgs, 1.0).usage.prompt_tokens
+    text = full - N_112
+    for r in (0.333, 0.222, 0.111):
+        assert chat(client, msgs, r).usage.prompt_tokens == text + num_kept_tokens(N_112, r)
+    # No per-request ratio: the server default (--trio-keep-ratio 0.25).
+    assert chat(client, msgs).usage.prompt_tokens == text + num_kept_tokens(N_112, 0.25)
+
+
+def test_same_request_same_answer(client: OpenAI) -> None:
+    msgs = image_messages("where is the square?", [make_image(31)])
+    a, b = chat(client, msgs, 0.2), chat(client, msgs, 0.2)
+    assert a.choices[0].message.content == b.choices[0].message.content
+
+
+@pytest.mark.parametrize("bad", [0, -0.5, 1.5, "0.5", "abc"])
+def test_invalid_ratio_is_400_naming_the_field(client: OpenAI, bad: object) -> None:
+    msgs = image_messages("q", [make_image(32)])
+    with pytest.raises(BadRequestError) as err:
+        chat(client, msgs, bad)
+    assert "vllm_xargs.keep_ratio" in str(err.value)
+    # The engine keeps serving.
+    assert chat(client, msgs, 0.5).usage.prompt_tokens > 0
+
+
+@pytest.mark.parametrize("raw", ["NaN", "null", "Infinity"])
+def test_invalid_json_values_are_400(trio_url: str, client: OpenAI, raw: str) -> None:
+    model = client.models.list().data[0].id
+    body = json.dumps(
+        {
+            "model": model,
+            "max_tokens": 2,
+            "messages": image_messages("q", [make_image(33)]),
+        }
+    )
+    body = body[:-1] + f', "vllm_xargs": {{"keep_ratio": {raw}}}}}'
+    resp = requests.post(
+        f"{trio_url}/v1/chat/completions",
+        data=body,
+        headers={"Content-Type": "application/json"},
+        timeout=60,
+    )
+    assert resp.status_code == 400, resp.text
+    assert "keep_ratio" in resp.text
+
+
+def test_completions_endpoint_accepts_and_validates(client: OpenAI) -> None:
+    model = client.models.list().data[0].id
+    out = client.completions.create(
+        model=model,
+        prompt="a red circle",
+        max_tokens=3,
+        extra_body={"vllm_xargs": {"keep_ratio": 0.5}},
+    )
+    assert out.usage.prompt_tokens > 0
+    with pytest.raises(BadRequestError, match=r"vllm_xargs\.keep_ratio"):
+        client.completions.create(
+            model=model,
+            prompt="x",
+            max_tokens=3,
+            extra_body={"vllm_xargs": {"keep_ratio": 2}},
+        )
+
+
+def test_mm_processor_kwargs_still_need_trust(trio_url: str, client: OpenAI) -> None:
+    model = client.models.list().data[0].id
+    out = requests.post(
+        f"{trio_url}/v1/chat/completions",
+        json={
+            "model": model,
+            "max_tokens": 2,
+            "messages": [{"role": "user", "content": "hi"}],
+            "mm_processor_kwargs": {"num_crops": 4},
+        },
+        timeout=60,
+    )
+    assert out.status_code == 400 and "mm_processor_kwargs" in out.text
+
+
+def test_two_images_and_text_only(client: OpenAI) -> None:
+    two = chat(client, image_messages("compare", [make_image(34), make_image(35)]), 0.25)
+    one = chat(client, image_messages("compare", [make_image(34)]), 0.25)
+    assert two.usage.prompt_tokens - one.usage.prompt_tokens == num_kept_tokens(N_112, 0.25) + 1
+    text = chat(client, [{"role": "user", "content": "hello"}], 0.25)
+    assert text.usage.prompt_tokens > 0
+
+
+def test_stock_server_ignores_trio(tiny_ckpt, tmp_path_factory, trio_url: str) -> None:
+    """Installed but not switched on: stock LLaVA-NeXT, full prompt."""
+    msgs = image_messages("what colour is the circle?", [make_image(30)])
+    log = tmp_path_factory.mktemp("logs") / "stock_server.log"
+    with vllm_server(tiny_ckpt, [], log) as url:
+        stock = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        out = chat(stock, msgs, 0.111)
+        trio_full = chat(
+            OpenAI(base_url=f"{trio_url}/v1", api_key="unused", max_retries=0),
+            msgs,
+            1.0,
+        )
+        assert out.usage.prompt_tokens == trio_full.usage.prompt_tokens
+        assert out.choices[0].message.content == trio_full.choices[0].message.content
+    assert "TrioLlavaNext" not in log.read_text()
