@@ -11,9 +11,9 @@ import pytest
 import requests
 from conftest import make_image
 from openai import BadRequestError, OpenAI
-from server import vllm_server
 
 from vllm_trio.core.budget import num_kept_tokens
+from vllm_trio.local_server import vllm_server
 
 pytestmark = pytest.mark.engine
 N_112 = 88  # visual tokens of a 112x112 image on the tiny checkpoint

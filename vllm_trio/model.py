@@ -12,6 +12,7 @@ request in different steps and the selection must not depend on scheduling.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,9 +81,16 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
                 continue
             prompt_ids = _item(trio["trio_prompt_ids"], i)
             ordinal = int(_item(trio["trio_ordinal"], i))
+            start = time.perf_counter()
             keep = self._select(feats, prompt_ids, ordinal, k)
             self.trio_selection_log.append(
-                SelectionRecord(tuple(prompt_ids.tolist()), ordinal, feats.shape[0], keep.tolist())
+                SelectionRecord(
+                    prompt_ids=tuple(prompt_ids.tolist()),
+                    ordinal=ordinal,
+                    num_tokens=feats.shape[0],
+                    keep=keep.tolist(),
+                    side_pass_s=time.perf_counter() - start,
+                )
             )
             pruned.append(feats.index_select(0, keep))
         return pruned
@@ -118,12 +126,14 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
 
 @dataclass(frozen=True)
 class SelectionRecord:
-    """One image's selection: its prompt, which ``<image>`` it is, N, kept indices."""
+    """One image's selection: its prompt, which ``<image>`` it is, N, kept indices,
+    and the wall time of its side pass (context build, layers 0..L, NMS)."""
 
     prompt_ids: tuple[int, ...]
     ordinal: int
     num_tokens: int
     keep: list[int]
+    side_pass_s: float
 
 
 def _item(batch: object, i: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Start and stop a real ``vllm serve`` on 127.0.0.1 for tests and benchmarks."""
+"""Start and stop a real ``vllm serve`` on 127.0.0.1 (tests, benchmarks, the demo)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,12 @@ from pathlib import Path
 
 import requests
 
+#: Small, exact (float32) settings used by tests and the demo on a 2-core CPU.
+TEST_SERVER_ARGS = (
+    "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 << 20),
+    "--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 2}',
+)  # fmt: skip
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -22,16 +28,22 @@ def free_port() -> int:
 
 @contextlib.contextmanager
 def vllm_server(
-    model: Path, extra_args: list[str], log_path: Path, timeout_s: float = 240
+    model: Path,
+    extra_args: list[str],
+    log_path: Path,
+    timeout_s: float = 240,
+    base_args: tuple[str, ...] = TEST_SERVER_ARGS,
 ) -> Iterator[str]:
-    """Run ``vllm serve model *extra_args`` and yield its base URL once healthy."""
+    """Run ``vllm serve model *base_args *extra_args``; yield its base URL once healthy.
+
+    The server is the ``vllm`` console script next to this interpreter, so it
+    runs exactly what a user types, plugin loading included.
+    """
     port = free_port()
     vllm_bin = Path(sys.executable).with_name("vllm")
     cmd = [
         str(vllm_bin), "serve", str(model), "--host", "127.0.0.1", "--port", str(port),
-        "--max-model-len", "2048", "--kv-cache-memory-bytes", str(64 << 20),
-        "--enforce-eager", "--dtype", "float32", "--limit-mm-per-prompt", '{"image": 2}',
-        *extra_args,
+        *base_args, *extra_args,
     ]  # fmt: skip
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
