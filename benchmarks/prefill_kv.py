@@ -138,12 +138,20 @@ def main() -> None:
             if "side_pass_s" in row
             else f"{'-':>7} {'-':>7}"
         )
-        print(f"{row['engine']:<6} {row['keep_ratio']:>6} {row['prompt_tokens']:>7} {row['kv_blocks']:>6} "
-              f"{kv_x:>6.2f} {row['prefill_s']:>9.3f} {speed:>8.2f} {side}")  # fmt: skip
+        print(
+            f"{row['engine']:<6} {row['keep_ratio']:>6} {row['prompt_tokens']:>7} "
+            f"{row['kv_blocks']:>6} {kv_x:>6.2f} {row['prefill_s']:>9.3f} {speed:>8.2f} {side}"
+        )
         row.update(kv_reduction=kv_x, prefill_speedup=speed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"preset": args.preset, "image": args.size, "depth": args.depth, "num_layers": num_layers,
-            "block_size": args.block_size, "repeats": args.repeats}  # fmt: skip
+    meta = {
+        "preset": args.preset,
+        "image": args.size,
+        "depth": args.depth,
+        "num_layers": num_layers,
+        "block_size": args.block_size,
+        "repeats": args.repeats,
+    }
     args.out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"saved {args.out}")
 
