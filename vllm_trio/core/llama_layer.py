@@ -95,37 +95,44 @@ def decoder_layer(
         all_reduce: sums row-parallel partial outputs across TP ranks.
     """
     seq = hidden.shape[0]
-    qi = torch.arange(seq, device=hidden.device) if query_index is None else query_index
     x = rms_norm(hidden, w.input_norm, w.eps)
+    if query_index is None:
+        x_q, h_q, pos_q = x, hidden, positions
+    else:
+        x_q, h_q = x.index_select(0, query_index), hidden.index_select(0, query_index)
+        pos_q = positions.index_select(0, query_index)
     q_size = w.num_heads * w.head_dim
     kv_size = w.num_kv_heads * w.head_dim
     wq, wk, wv = w.qkv.split([q_size, kv_size, kv_size], dim=0)
     bq = bk = bv = None
     if w.qkv_bias is not None:
         bq, bk, bv = w.qkv_bias.split([q_size, kv_size, kv_size])
-    q = F.linear(x.index_select(0, qi), wq, bq).view(-1, w.num_heads, w.head_dim)
+    q = F.linear(x_q, wq, bq).view(-1, w.num_heads, w.head_dim)
     k = F.linear(x, wk, bk).view(seq, w.num_kv_heads, w.head_dim)
     v = F.linear(x, wv, bv).view(seq, w.num_kv_heads, w.head_dim)
 
-    cos_q, sin_q = rotary.cos_sin_at(positions.index_select(0, qi))
+    cos_q, sin_q = rotary.cos_sin_at(pos_q)
     cos_k, sin_k = rotary.cos_sin_at(positions)
     q = apply_rotary(q, cos_q, sin_q, rotary.is_neox)
     k = apply_rotary(k, cos_k, sin_k, rotary.is_neox)
 
-    # Causal by row index: row qi[t] sees rows 0..qi[t].
-    mask = torch.arange(seq, device=hidden.device)[None, :] <= qi[:, None]
-    attn = F.scaled_dot_product_attention(
-        q.transpose(0, 1),
-        k.transpose(0, 1),
-        v.transpose(0, 1),
-        attn_mask=mask,
-        enable_gqa=w.num_heads != w.num_kv_heads,
-    )
-    attn = attn.transpose(0, 1).reshape(qi.shape[0], q_size)
+    gqa = w.num_heads != w.num_kv_heads
+    if query_index is None:
+        # Full causal prefill: let SDPA skip the masked half.
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=gqa
+        )
+    else:
+        # Causal by row index: row query_index[t] sees rows 0..query_index[t].
+        mask = torch.arange(seq, device=hidden.device)[None, :] <= query_index[:, None]
+        attn = F.scaled_dot_product_attention(
+            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=gqa
+        )
+    attn = attn.transpose(0, 1).reshape(x_q.shape[0], q_size)
     attn_out = all_reduce(F.linear(attn, w.o_proj))
     if w.o_bias is not None:
         attn_out = attn_out + w.o_bias
-    h = hidden.index_select(0, qi) + attn_out
+    h = h_q + attn_out
 
     y = rms_norm(h, w.post_norm, w.eps)
     gate, up = F.linear(y, w.gate_up).chunk(2, dim=-1)

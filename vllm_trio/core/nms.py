@@ -22,18 +22,14 @@ uses an unstable argsort, so its tie order is undefined.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def saliency_order(scores: torch.Tensor) -> torch.Tensor:
     """Indices by descending score; equal scores keep their original order."""
     return torch.sort(scores, descending=True, stable=True).indices
-
-
-def cosine_similarity_matrix(features: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity in float32 (the reference's precision)."""
-    f = torch.nn.functional.normalize(features.float(), dim=-1)
-    return f @ f.T
 
 
 def nms_select(
@@ -59,37 +55,66 @@ def nms_select(
         raise ValueError(f"scores must have shape ({n},), got {tuple(scores.shape)}")
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    device = features.device
     if k >= n:
-        return torch.arange(n, device=device)
+        return torch.arange(n, device=features.device)
 
     order = saliency_order(scores)
-    sim = cosine_similarity_matrix(features[order])
-    # suppresses[i, j]: token ranked i suppresses token ranked j > i if i is kept.
-    suppresses = torch.triu(sim >= tau, diagonal=1).float()
-
-    kept = torch.zeros(n, dtype=torch.bool, device=device)
-    decided = torch.zeros(n, dtype=torch.bool, device=device)
+    # Cosine similarity in float32, the reference's precision.
+    feats = torch.nn.functional.normalize(features[order].float(), dim=-1)
+    kept = torch.zeros(n, dtype=torch.bool, device=features.device)
+    # Greedy decisions for a prefix of ranks depend on that prefix only, so
+    # decide ranks block by block: first a block a little longer than k, then
+    # (only when suppression left fewer than k survivors) the next block,
+    # sized by the observed survival rate, with the survivors so far applied.
+    start, stop, found = 0, min(n, max(2 * k, 64)), 0
     while True:
-        live = (~decided | kept).float()
-        blocked = (live @ suppresses) > 0
-        killed = (kept.float() @ suppresses) > 0
-        kept = kept | (~decided & ~blocked)
-        decided = decided | kept | killed
-        undecided = ~decided
-        if not bool(undecided.any()):
+        block = feats[start:stop]
+        survivors = feats[:start][kept[:start]]
+        pre_killed = ((block @ survivors.T) >= tau).any(dim=1)
+        kept_block, complete = _greedy_block(block, pre_killed, k - found, tau)
+        kept[start:stop] = kept_block
+        found += int(kept_block.sum())
+        if complete or stop == n:
             break
-        first_open = int(undecided.int().argmax())
-        if int(kept[:first_open].sum()) >= k:
-            break
-
-    kept_ranks = torch.nonzero(kept).squeeze(1)
-    # Only the prefix before the first undecided token is final; kept tokens
-    # there are the greedy survivors in rank order.
-    selected = kept_ranks[:k]
+        # Aim for twice the survivors still needed; past half of N, take all.
+        want = max(2 * stop, math.ceil(2 * stop * k / max(found, 1)))
+        start, stop = stop, n if want > n // 2 else want
+    selected = torch.nonzero(kept).squeeze(1)[:k]
     if selected.numel() < k:
-        rest = torch.ones(n, dtype=torch.bool, device=device)
+        rest = torch.ones(n, dtype=torch.bool, device=features.device)
         rest[selected] = False
         fill = torch.nonzero(rest).squeeze(1)[: k - selected.numel()]
         selected = torch.cat([selected, fill])
     return torch.sort(order[selected]).values
+
+
+def _greedy_block(
+    feats: torch.Tensor, pre_killed: torch.Tensor, k: int, tau: float
+) -> tuple[torch.Tensor, bool]:
+    """Greedy NMS over consecutive ranks ``feats`` ``[m, D]`` (unit rows).
+
+    ``pre_killed`` marks ranks already suppressed by survivors of earlier
+    blocks. Returns the kept mask and whether it already holds ``k`` greedy
+    survivors that no later rank can change.
+    """
+    m = feats.shape[0]
+    # suppresses[i, j]: rank i suppresses rank j > i if i is kept.
+    suppresses = torch.triu((feats @ feats.T) >= tau, diagonal=1).to(feats.dtype)
+    kept = torch.zeros(m, dtype=torch.bool, device=feats.device)
+    decided = pre_killed.clone()
+    while True:
+        for _ in range(2):  # rounds are cheap; check (a host sync) every other one
+            open_ = ~decided
+            # Row 0: who may still suppress (undecided or kept); row 1: kept.
+            state = torch.stack([open_ | kept, kept]).to(feats.dtype)
+            blocked, killed = ((state @ suppresses) > 0).unbind(0)
+            kept = kept | (open_ & ~blocked)
+            decided = decided | kept | killed
+        # Kept marks before the first undecided rank are final.
+        final_kept, all_decided = torch.stack(
+            [(kept & (decided.logical_not().cumsum(0) == 0)).sum(), decided.all()]
+        ).tolist()
+        if final_kept >= k:
+            return kept, True
+        if all_decided:
+            return kept, False
