@@ -1,0 +1,1 @@
+"""Benchmarks for vllm-trio (speed, KV cache and answer quality)."""

@@ -1,0 +1,1 @@
+"""Answer-quality benchmark: generated scenes, a small trained LLaVA-NeXT, pruning arms."""

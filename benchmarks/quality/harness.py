@@ -1,0 +1,965 @@
+"""Answer quality under visual-token pruning: TRIO (three ways) against baselines.
+
+    .venv/bin/python -m benchmarks.quality.harness [--n 96] \
+        [--ratios 1 0.333 0.222 0.111 0.05 0.02] [--model benchmarks/quality/model]
+
+Evaluates the first ``--n`` questions of the generated-scene eval split
+(``benchmarks/quality/scenes.py``) with a small LLaVA-NeXT trained on such
+scenes, and writes ``benchmarks/results/quality.json`` and ``quality.md``: per
+arm and keep ratio, the accuracy per task family, overall, relative to stock
+vLLM's unpruned accuracy, and the mean prompt length. Every arm answers the
+same questions with the same prompts, greedy decoding, the same ``max_tokens``.
+
+Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
+
+* ``stock-vllm``: stock vLLM LLaVA-NeXT, unpruned (ratio 1 only); the
+  reference accuracy of the "rel" column.
+* ``hf-unpruned``: HF transformers, unpruned, through the same generation
+  helper as the input-pruning arms; must match ``stock-vllm``.
+* ``trio-vllm@L``: the product: vLLM with TRIO on
+  (``vllm_trio.engine_kwargs(depth=L)``), the ratio per request through
+  ``mm_processor_kwargs``; tokens are scored at depth L, dropped at the input.
+* ``trio-ref@L``: the paper-faithful reference, pruning *inside* the LLM at
+  layer L (``vllm_trio.reference.generate_hf`` with ``Schedule.single(L, k)``):
+  layers below L see every token.
+* ``trio+ve``: the vision-encoder stage (per tile: [CLS]-attention window and
+  global picks, dropped tokens merged into kept ones), then TRIO's gradient
+  stage at the default depth on the survivors, pruning at the input (HF).
+  Budget: the VE stage keeps ``b = min(p*p, ceil(ve_factor * k / T))``
+  patches in each of the image's ``T`` tiles (``ve_factor`` 3 as the
+  reference's 96 -> 32 tokens), all image-newline tokens survive (the
+  reference's LLaVA-NeXT variant); the gradient stage then keeps exactly
+  ``k`` of those survivors, so the LLM sees as many visual tokens as in every
+  other arm. Should unpadding leave fewer than ``k`` survivors, the VE stage
+  keeps every patch of every tile (no merging) for that image.
+* input-pruning baselines on the HF path (``vllm_trio.core.baselines``):
+  ``random``, ``grid``, ``cls-attn`` (VisionZip-style, penultimate CLIP
+  layer), ``text-attn`` (FastV-style, layer K = 2), ``diversity`` (k-center).
+* ``trio-hf@L`` (only when named in ``--arms``): TRIO at the input on the HF
+  path, a cross-check of ``trio-vllm@L`` outside vLLM.
+
+All HF input-pruning arms share one helper: the pruned prompt is the text
+embeddings plus the kept visual embeddings in their original order, positions
+renumbered contiguously: exactly what the vLLM plugin feeds the LLM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch
+import torch.nn.functional as F
+from transformers import (
+    AutoProcessor,
+    DynamicCache,
+    LlavaNextForConditionalGeneration,
+)
+from transformers.models.llava_next.modeling_llava_next import (
+    get_anyres_image_grid_shape,
+    image_size_to_num_patches,
+)
+
+from vllm_trio.config import DEFAULT_DEPTH
+from vllm_trio.core import (
+    LlamaLayerWeights,
+    Rotary,
+    Schedule,
+    TrioParams,
+    decoder_layer,
+    merge_dropped,
+    num_kept_tokens,
+    rms_norm,
+    select_visual_tokens,
+    vision_stage_select,
+)
+from vllm_trio.core.baselines import (
+    PackedLayout,
+    cls_attention_select,
+    diversity_select,
+    grid_select,
+    llava_next_layout,
+    random_select,
+    text_attention_select,
+)
+from vllm_trio.core.saliency import HeadFn, LayerFn, NormFn
+from vllm_trio.reference import generate_hf
+
+from .scenes import FAMILIES, Sample, chat_prompt, make_split, normalize_answer
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_MODEL = ROOT / "benchmarks" / "quality" / "model"
+DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
+DEFAULT_RATIOS = (1.0, 0.333, 0.222, 0.111, 0.05, 0.02)
+INPUT_BASELINES = ("random", "grid", "cls-attn", "text-attn", "diversity")
+DEFAULT_ARMS = ("stock-vllm", "hf-unpruned", "trio-vllm", "trio-ref", "trio+ve", *INPUT_BASELINES)
+#: Reference (ocy1/TRIO, LLaVA, CLIP ViT-L/14 with 24 layers): the window
+#: stage reads layer 5's [CLS] attention; scaled to other vision depths.
+REF_SHALLOW_LAYER, REF_VISION_LAYERS = 5, 24
+
+
+def log(start: float, message: str) -> None:
+    """Progress line with the elapsed wall time (a long benchmark must show life)."""
+    print(f"[{time.perf_counter() - start:7.1f}s] {message}", flush=True)
+
+
+# --------------------------------------------------------------------------- #
+# Per-sample data shared by the HF arms
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Prepared:
+    """One eval sample, encoded once for every HF arm.
+
+    ``embeds`` is the full prompt (text embeddings with the packed visual
+    embeddings at ``visual_rows``), as ``LlavaNextModel.forward`` builds it.
+    """
+
+    index: int
+    sample: Sample
+    input_ids: torch.Tensor  # [S]
+    pixel_values: torch.Tensor
+    image_sizes: torch.Tensor
+    embeds: torch.Tensor  # [S, D]
+    visual_rows: torch.Tensor  # [N]
+    layout: PackedLayout
+    tile_features: torch.Tensor  # [T, p*p, D] projected, before packing
+    cls_shallow: torch.Tensor  # [T, p*p] [CLS] attention (head mean), window stage
+    cls_deep: torch.Tensor  # [T, p*p] [CLS] attention (head mean), penultimate layer
+    text_attn: torch.Tensor  # [heads, N] last prompt token -> visual tokens, layer K
+
+    @property
+    def num_visual(self) -> int:
+        return int(self.visual_rows.numel())
+
+
+class HFRunner:
+    """The HF-transformers side: encoding, pruned-prompt generation, TRIO scoring."""
+
+    def __init__(self, model_dir: Path, max_new_tokens: int, fastv_k: int) -> None:
+        # Eager attention: the baselines read attention weights (CLIP's [CLS]
+        # row, the LLM's last-token row), which SDPA does not return.
+        self.model = LlavaNextForConditionalGeneration.from_pretrained(
+            model_dir, dtype=torch.float32, attn_implementation="eager"
+        ).eval()
+        self.processor = AutoProcessor.from_pretrained(model_dir)
+        self.tokenizer = self.processor.tokenizer
+        self.config = self.model.config
+        self.lm = self.model.model.language_model
+        self.num_layers = len(self.lm.layers)
+        self.max_new_tokens = max_new_tokens
+        self.eos = self.tokenizer.eos_token_id
+        if not 1 <= fastv_k <= self.num_layers:
+            raise ValueError(f"--fastv-k must be in [1, {self.num_layers}], got {fastv_k}")
+        self.fastv_k = fastv_k
+        vcfg = self.config.vision_config
+        if self.config.vision_feature_select_strategy != "default" or not isinstance(
+            self.config.vision_feature_layer, int
+        ):
+            raise NotImplementedError("the harness expects LLaVA-NeXT's default feature selection")
+        self.patches_per_side = vcfg.image_size // vcfg.patch_size
+        vision_layers = vcfg.num_hidden_layers
+        self.deep_layer = vision_layers + self.config.vision_feature_layer
+        if self.config.vision_feature_layer >= 0:
+            self.deep_layer = self.config.vision_feature_layer - 1
+        shallow = round(REF_SHALLOW_LAYER * vision_layers / REF_VISION_LAYERS)
+        self.shallow_layer = min(max(shallow, 0), vision_layers - 1)
+        self.window = max(1, self.patches_per_side // 4)  # 6 of 24 in the reference
+
+    # -- encoding ----------------------------------------------------------- #
+
+    @torch.no_grad()
+    def prepare(self, index: int, sample: Sample) -> Prepared:
+        enc = self.processor(
+            images=sample.image, text=chat_prompt(sample.question), return_tensors="pt"
+        )
+        input_ids = enc["input_ids"][0]
+        sizes = enc["image_sizes"]
+        cfg = self.config
+        num_tiles = image_size_to_num_patches(
+            sizes[0], cfg.image_grid_pinpoints, cfg.vision_config.image_size
+        )
+        pixels = enc["pixel_values"][0, :num_tiles]
+        vis = self.model.model.vision_tower(
+            pixels, output_hidden_states=True, output_attentions=True
+        )
+        tile_features = self.model.model.multi_modal_projector(
+            vis.hidden_states[cfg.vision_feature_layer][:, 1:]
+        )
+        cls_deep = vis.attentions[self.deep_layer][:, :, 0, 1:].mean(dim=1)
+        cls_shallow = vis.attentions[self.shallow_layer][:, :, 0, 1:].mean(dim=1)
+
+        tile_grid = get_anyres_image_grid_shape(
+            sizes[0].tolist(), cfg.image_grid_pinpoints, cfg.vision_config.image_size
+        )
+        layout = llava_next_layout(
+            self.patches_per_side, tuple(tile_grid) if num_tiles > 1 else None, sizes[0].tolist()
+        )
+        packed = self.pack(tile_features, layout)
+        # The layout must reproduce HF's own packing, token for token.
+        hf_packed, _ = self.model.model.pack_image_features(
+            [tile_features], sizes, "default", image_newline=self.model.model.image_newline
+        )
+        if not torch.equal(packed, hf_packed[0]):
+            raise RuntimeError("packed layout differs from HF's pack_image_features")
+
+        visual_rows = torch.nonzero(input_ids == cfg.image_token_id).squeeze(1)
+        if visual_rows.numel() != packed.shape[0]:
+            raise RuntimeError("processor placeholders and packed features disagree")
+        embeds = self.model.get_input_embeddings()(input_ids).clone()
+        embeds[visual_rows] = packed.to(embeds.dtype)
+
+        attn = self.lm(inputs_embeds=embeds[None], output_attentions=True).attentions
+        # FastV with K: rank by the attention map of decoder layer K (1-based),
+        # the one in hand when pruning before layer K; the last prompt token's row.
+        text_attn = attn[self.fastv_k - 1][0, :, -1, :][:, visual_rows]
+        return Prepared(
+            index=index,
+            sample=sample,
+            input_ids=input_ids,
+            pixel_values=enc["pixel_values"],
+            image_sizes=sizes,
+            embeds=embeds,
+            visual_rows=visual_rows,
+            layout=layout,
+            tile_features=tile_features,
+            cls_shallow=cls_shallow,
+            cls_deep=cls_deep,
+            text_attn=text_attn,
+        )
+
+    def pack(self, tile_features: torch.Tensor, layout: PackedLayout) -> torch.Tensor:
+        """Packed visual embeddings ``[N, D]`` from per-tile features, via ``layout``."""
+        p2 = self.patches_per_side**2
+        flat = tile_features.reshape(-1, tile_features.shape[-1])
+        src = layout.tile.clamp(min=0) * p2 + layout.patch.clamp(min=0)
+        out = flat.index_select(0, src)
+        newline = self.model.model.image_newline.to(out.dtype)
+        return torch.where(layout.is_newline[:, None], newline[None], out)
+
+    # -- generation --------------------------------------------------------- #
+
+    def pruned_embeds(
+        self, prep: Prepared, keep: torch.Tensor, visual: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Text embeddings plus the kept visual rows, in prompt order.
+
+        ``visual`` ``[N', D]`` replaces the prompt's visual embeddings (the VE
+        arm's merged survivors); ``keep`` indexes it (default: the packed ones).
+        Row order is the original order; positions are renumbered ``0..S'-1``
+        simply by being a new, shorter sequence.
+        """
+        vis = prep.embeds[prep.visual_rows] if visual is None else visual
+        first = int(prep.visual_rows[0])
+        last = int(prep.visual_rows[-1])
+        if last - first + 1 != prep.num_visual:
+            raise RuntimeError("the harness expects one contiguous image per prompt")
+        return torch.cat([prep.embeds[:first], vis[keep], prep.embeds[last + 1 :]])
+
+    @torch.no_grad()
+    def generate(self, embeds: torch.Tensor) -> list[int]:
+        """Greedy decoding from prompt embeddings ``[S, D]`` with a KV cache."""
+        cache = DynamicCache(config=self.lm.config)
+        out = self.lm(inputs_embeds=embeds[None], past_key_values=cache, use_cache=True)
+        tokens: list[int] = []
+        while True:
+            logits = self.model.lm_head(out.last_hidden_state[0, -1])
+            tokens.append(int(logits.argmax()))
+            if tokens[-1] == self.eos or len(tokens) >= self.max_new_tokens:
+                return tokens
+            step = self.model.get_input_embeddings()(torch.tensor([[tokens[-1]]]))
+            out = self.lm(inputs_embeds=step, past_key_values=out.past_key_values, use_cache=True)
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    # -- TRIO on the HF path ------------------------------------------------ #
+
+    def _core_fns(self, depth: int, seq_len: int) -> tuple[LayerFn, NormFn, HeadFn]:
+        """``vllm_trio.core`` layer/norm/head callables over HF's weights.
+
+        The same plain-PyTorch layer the vLLM side pass runs (over vLLM's copy
+        of these weights), so ``trio-hf@L`` and ``trio-vllm@L`` must agree.
+        """
+        hf = self.lm.layers[depth]
+        a, m, cfg = hf.self_attn, hf.mlp, self.lm.config
+        weights = LlamaLayerWeights(
+            input_norm=hf.input_layernorm.weight,
+            post_norm=hf.post_attention_layernorm.weight,
+            eps=cfg.rms_norm_eps,
+            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
+            o_proj=a.o_proj.weight,
+            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
+            down=m.down_proj.weight,
+            num_heads=cfg.num_attention_heads,
+            num_kv_heads=cfg.num_key_value_heads,
+            head_dim=cfg.hidden_size // cfg.num_attention_heads,
+        )
+        inv_freq = self.lm.rotary_emb.inv_freq.float()
+        freqs = torch.arange(seq_len).float()[:, None] * inv_freq[None]
+        rotary = Rotary(torch.cat([freqs.cos(), freqs.sin()], dim=-1), is_neox=True)
+        positions = torch.arange(seq_len)
+
+        def layer_fn(h: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
+            return decoder_layer(h, weights, rotary, positions, qi)
+
+        def norm_fn(x: torch.Tensor) -> torch.Tensor:
+            return rms_norm(x, self.lm.norm.weight, cfg.rms_norm_eps)
+
+        def head_fn(x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.model.lm_head.weight)
+
+        return layer_fn, norm_fn, head_fn
+
+    def trio_input_keep(
+        self, embeds: torch.Tensor, visual_rows: torch.Tensor, k: int, depth: int
+    ) -> torch.Tensor:
+        """TRIO's selection scored at ``depth`` over ``embeds``, for pruning at the input."""
+        if k >= visual_rows.numel():
+            return torch.arange(visual_rows.numel())
+        with torch.no_grad():
+            hidden = self.lm(inputs_embeds=embeds[None], output_hidden_states=True).hidden_states
+        sel = select_visual_tokens(
+            hidden[depth][0],
+            visual_rows,
+            k,
+            *self._core_fns(depth, embeds.shape[0]),
+            params=TrioParams(),
+        )
+        return sel.keep
+
+    def trio_ve(
+        self, prep: Prepared, k: int, depth: int, ve_factor: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The VE arm's visual embeddings and the kept indices into them."""
+        layout, p = prep.layout, self.patches_per_side
+        num_tiles = layout.num_tiles
+        budget = min(p * p, math.ceil(ve_factor * k / num_tiles))
+        merged, survive = self._ve_stage(prep, budget)
+        if int(survive.sum()) < k:
+            merged, survive = self._ve_stage(prep, p * p)
+        visual = merged[survive]
+        text_before = int(prep.visual_rows[0])
+        survivors = visual.shape[0]
+        embeds = torch.cat(
+            [
+                prep.embeds[:text_before],
+                visual,
+                prep.embeds[text_before + prep.num_visual :],
+            ]
+        )
+        rows = torch.arange(text_before, text_before + survivors)
+        keep = self.trio_input_keep(embeds, rows, k, depth)
+        return visual, keep
+
+    @torch.no_grad()
+    def _ve_stage(self, prep: Prepared, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per tile: window/global [CLS] picks and merging; returns packed ``[N, D]``
+        features (kept tokens merged) and the survivor mask ``[N]``."""
+        p = self.patches_per_side
+        feats = prep.tile_features.clone()
+        kept = torch.zeros(feats.shape[:2], dtype=torch.bool)
+        for t in range(feats.shape[0]):
+            keep = vision_stage_select(
+                prep.cls_shallow[t], prep.cls_deep[t], (p, p), budget, window=self.window
+            )
+            if keep.numel() < p * p:
+                feats[t, keep] = merge_dropped(feats[t], keep)
+            kept[t, keep] = True
+        lay = prep.layout
+        p2 = p * p
+        src = lay.tile.clamp(min=0) * p2 + lay.patch.clamp(min=0)
+        survive = lay.is_newline | kept.reshape(-1)[src]
+        return self.pack(feats, lay), survive
+
+
+# --------------------------------------------------------------------------- #
+# Results
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class ArmResult:
+    """One arm at one ratio over every sample (lists aligned with the samples)."""
+
+    arm: str
+    ratio: float
+    depth: int | None = None
+    correct: list[bool] = field(default_factory=list)
+    answers: list[str] = field(default_factory=list)
+    prompt_tokens: list[int] = field(default_factory=list)
+    kept_visual: list[int] = field(default_factory=list)
+    visual_per_layer: list[float] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def add(self, sample: Sample, text: str, prompt_tokens: int, kept: int, per_layer: float):
+        self.answers.append(normalize_answer(text))
+        self.correct.append(self.answers[-1] == normalize_answer(sample.answer))
+        self.prompt_tokens.append(prompt_tokens)
+        self.kept_visual.append(kept)
+        self.visual_per_layer.append(per_layer)
+
+    @property
+    def accuracy(self) -> float:
+        return sum(self.correct) / max(1, len(self.correct))
+
+
+def _mean(xs: Sequence[float]) -> float:
+    return sum(xs) / max(1, len(xs))
+
+
+def summarise(
+    results: list[ArmResult], samples: list[Sample], num_layers: int
+) -> list[dict[str, Any]]:
+    """Table rows: accuracy per family and overall, relative to ``stock-vllm``."""
+    stock = next((r for r in results if r.arm == "stock-vllm"), None)
+    ref_acc = stock.accuracy if stock else None
+    ref_answers = stock.answers if stock else None
+    rows = []
+    for r in results:
+        by_family = {}
+        for fam in FAMILIES:
+            hits = [c for c, s in zip(r.correct, samples, strict=True) if s.family == fam]
+            by_family[fam] = _mean(hits) if hits else None
+        acc = r.accuracy
+        n = len(r.correct)
+        rows.append(
+            {
+                "arm": r.arm,
+                "ratio": r.ratio,
+                "depth": r.depth,
+                "n": n,
+                "accuracy": acc,
+                "ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else None,
+                "relative": acc / ref_acc if ref_acc else None,
+                # Fidelity: same answer as unpruned stock vLLM (right or wrong).
+                "agreement": (
+                    _mean([a == b for a, b in zip(r.answers, ref_answers, strict=True)])
+                    if ref_answers is not None
+                    else None
+                ),
+                "by_family": by_family,
+                "mean_prompt_tokens": _mean(r.prompt_tokens),
+                "mean_kept_visual": _mean(r.kept_visual),
+                "mean_visual_per_layer": _mean(r.visual_per_layer),
+                "side_pass_cost": (
+                    (r.depth + 0.5) / num_layers
+                    if r.depth is not None and r.arm.startswith(("trio-vllm", "trio-hf", "trio+ve"))
+                    else None
+                ),
+                "seconds": r.seconds,
+                "correct": "".join("1" if c else "0" for c in r.correct),
+                "answers": r.answers,
+            }
+        )
+    return rows
+
+
+def _fmt(x: float | None, pct: bool = True) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.1f}" if pct else f"{x:.1f}"
+
+
+def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    """The results table plus the comparisons the issue asks for."""
+    lines = [
+        "# Quality under visual-token pruning",
+        "",
+        f"Model: `{meta['model']}` ({meta['model_kind']}); {meta['n']} eval questions "
+        f"(seed {meta['seed']}), {meta['num_layers']} decoder layers, greedy, "
+        f"max_tokens={meta['max_tokens']}; runtime {meta['runtime_s'] / 60:.1f} min "
+        f"on {meta['host']} (load average {meta['load_avg_start'][0]:.1f} at the start, "
+        f"{meta['load_avg_end'][0]:.1f} at the end).",
+        "",
+        "Accuracy in %; `rel` = accuracy / stock-vllm's unpruned accuracy; `k` = mean "
+        "visual tokens kept at the input; `vis/layer` = mean visual tokens per decoder "
+        "layer (differs from k only for trio-ref, which prunes inside the LLM); "
+        "`±` = 95% binomial half-width; `agree` = same answer as unpruned stock vLLM.",
+        "",
+        "| arm | ratio | k | vis/layer | prompt | "
+        + " | ".join(FAMILIES)
+        + " | overall | ± | rel | agree |",
+        "|---|---|---|---|---|" + "---|" * len(FAMILIES) + "---|---|---|---|",
+    ]
+    for r in rows:
+        fams = " | ".join(_fmt(r["by_family"][f]) for f in FAMILIES)
+        lines.append(
+            f"| {r['arm']} | {r['ratio']:g} | {r['mean_kept_visual']:.1f} | "
+            f"{r['mean_visual_per_layer']:.1f} | {r['mean_prompt_tokens']:.1f} | {fams} | "
+            f"{_fmt(r['accuracy'])} | {_fmt(r['ci95'])} | {_fmt(r['relative'])} | "
+            f"{_fmt(r['agreement'])} |"
+        )
+    lines += ["", *comparisons(rows, meta)]
+    return "\n".join(lines) + "\n"
+
+
+def comparisons(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
+    """TRIO vs baselines at the headline ratio; input vs in-LLM pruning per depth."""
+    by_key = {(r["arm"], r["ratio"]): r for r in rows}
+    out: list[str] = []
+    stock, hf = by_key.get(("stock-vllm", 1.0)), by_key.get(("hf-unpruned", 1.0))
+    if stock and hf:
+        same = sum(a == b for a, b in zip(stock["correct"], hf["correct"], strict=True))
+        out += [
+            "## Unpruned: HF vs stock vLLM",
+            "",
+            f"stock-vllm {_fmt(stock['accuracy'])}%, hf-unpruned {_fmt(hf['accuracy'])}%; "
+            f"same correctness on {same}/{stock['n']} questions.",
+            "",
+        ]
+    headline = 0.111
+    at = [r for r in rows if math.isclose(r["ratio"], headline)]
+    if at:
+        out += [
+            f"## Relative accuracy at ratio {headline}",
+            "",
+            "| arm | rel | overall | agree |",
+            "|---|---|---|---|",
+        ]
+        for r in sorted(at, key=lambda r: -(r["accuracy"])):
+            out.append(
+                f"| {r['arm']} | {_fmt(r['relative'])} | {_fmt(r['accuracy'])} | "
+                f"{_fmt(r['agreement'])} |"
+            )
+        out.append("")
+    pairs = []
+    for r in rows:
+        if not r["arm"].startswith("trio-vllm@"):
+            continue
+        ref = by_key.get((f"trio-ref@{r['depth']}", r["ratio"]))
+        if ref is None:
+            continue
+        wins = sum(a == "1" and b == "0" for a, b in zip(r["correct"], ref["correct"], strict=True))
+        losses = sum(
+            a == "0" and b == "1" for a, b in zip(r["correct"], ref["correct"], strict=True)
+        )
+        pairs.append(
+            f"| {r['depth']} | {r['ratio']:g} | {_fmt(r['accuracy'])} | {_fmt(ref['accuracy'])} | "
+            f"{100 * (r['accuracy'] - ref['accuracy']):+.1f} | {wins}/{losses} | "
+            f"{_fmt(r['side_pass_cost'])} |"
+        )
+    if pairs:
+        out += [
+            "## Pruning at the input (trio-vllm@L) vs inside the LLM (trio-ref@L)",
+            "",
+            "`Δ` = input − reference in points; `only/only` = questions only the input "
+            "arm / only the reference got right; `side cost` = (L + 0.5) / num_layers of "
+            "an unpruned prefill, in %.",
+            "",
+            "| L | ratio | trio-vllm | trio-ref | Δ | only/only | side cost |",
+            "|---|---|---|---|---|---|---|",
+            *pairs,
+            "",
+        ]
+    return out
+
+
+# --------------------------------------------------------------------------- #
+# Arms
+# --------------------------------------------------------------------------- #
+
+
+def run_vllm(
+    model_dir: Path,
+    samples: list[Sample],
+    ratios: Sequence[float],
+    depth: int | None,
+    max_tokens: int,
+    max_model_len: int,
+    seed: int,
+    start: float,
+) -> list[ArmResult]:
+    """One in-process engine (stock when ``depth`` is None), all samples per ratio batched."""
+    from vllm import LLM, SamplingParams
+
+    import vllm_trio
+
+    kwargs: dict[str, Any] = dict(
+        model=str(model_dir),
+        dtype="float32",  # the checkpoint's dtype; the CPU build would pick bfloat16
+        enforce_eager=True,
+        max_model_len=max_model_len,
+        limit_mm_per_prompt={"image": 1},
+        seed=seed,
+    )
+    kv_bytes = _kv_bytes(model_dir, max_model_len)
+    kwargs["kv_cache_memory_bytes"] = kv_bytes
+    if depth is not None:
+        kwargs.update(vllm_trio.engine_kwargs(keep_ratio=1.0, depth=depth))
+    name = "stock-vllm" if depth is None else f"trio-vllm@{depth}"
+    t0 = time.perf_counter()
+    llm = LLM(**kwargs)
+    _freeze_heap()
+    log(start, f"{name}: engine up in {time.perf_counter() - t0:.0f}s")
+    params = SamplingParams(temperature=0, max_tokens=max_tokens)
+    results = []
+    try:
+        for ratio in ratios:
+            t0 = time.perf_counter()
+            reqs = []
+            for s in samples:
+                req: dict[str, Any] = {
+                    "prompt": chat_prompt(s.question),
+                    "multi_modal_data": {"image": s.image},
+                }
+                if depth is not None:
+                    req["mm_processor_kwargs"] = {"trio_keep_ratio": ratio}
+                reqs.append(req)
+            outs = llm.generate(reqs, params, use_tqdm=False)
+            res = ArmResult(name, ratio, depth)
+            for s, o in zip(samples, outs, strict=True):
+                n_prompt = len(o.prompt_token_ids)
+                # Visual tokens kept = prompt minus the text (same text as HF's).
+                res.add(s, o.outputs[0].text, n_prompt, -1, -1.0)
+            res.seconds = time.perf_counter() - t0
+            results.append(res)
+            log(start, f"{name} r={ratio:g}: acc {100 * res.accuracy:.1f}% ({res.seconds:.0f}s)")
+    finally:
+        # No engine_core.shutdown(): it runs full gc.collect() passes over the
+        # whole heap (minutes on a loaded 2-core machine); the engine is small
+        # and is dropped by reference counting.
+        del llm
+    return results
+
+
+def _kv_bytes(model_dir: Path, max_model_len: int) -> int:
+    """KV cache for four full-length requests (float32), within [64 MiB, 1.5 GiB].
+
+    Scene prompts are far shorter than ``max_model_len``, so this holds dozens
+    of them at once; vLLM queues the rest of a batch.
+    """
+    cfg = json.loads((model_dir / "config.json").read_text())["text_config"]
+    heads = cfg["num_attention_heads"]
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // heads
+    per_token = 2 * cfg["num_hidden_layers"] * cfg.get("num_key_value_heads", heads) * head_dim * 4
+    return max(64 << 20, min(3 << 29, 4 * max_model_len * per_token))
+
+
+def run_hf_input_arm(
+    hf: HFRunner,
+    name: str,
+    ratio: float,
+    prepared: list[Prepared],
+    select: Callable[[Prepared, int], tuple[torch.Tensor, torch.Tensor | None]],
+    depth: int | None = None,
+) -> ArmResult:
+    """Generate with each sample's pruned prompt; ``select`` gives ``(keep, visual)``."""
+    res = ArmResult(name, ratio, depth)
+    t0 = time.perf_counter()
+    for prep in prepared:
+        k = num_kept_tokens(prep.num_visual, ratio)
+        keep, visual = select(prep, k)
+        embeds = hf.pruned_embeds(prep, keep, visual)
+        text = hf.decode(hf.generate(embeds))
+        res.add(prep.sample, text, embeds.shape[0], int(keep.numel()), float(keep.numel()))
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def run_trio_ref(hf: HFRunner, ratio: float, depth: int, prepared: list[Prepared]) -> ArmResult:
+    """The paper-faithful arm: prune inside the LLM at layer ``depth``."""
+    res = ArmResult(f"trio-ref@{depth}", ratio, depth)
+    t0 = time.perf_counter()
+    for prep in prepared:
+        n = prep.num_visual
+        k = num_kept_tokens(n, ratio)
+        schedule = Schedule.single(depth, k)
+        tokens = generate_hf(
+            hf.model,
+            prep.input_ids,
+            prep.pixel_values,
+            prep.image_sizes,
+            schedule,
+            max_new_tokens=hf.max_new_tokens,
+            eos_token_id=hf.eos,
+        )
+        per_layer = schedule.average_kept(n, hf.num_layers)
+        res.add(prep.sample, hf.decode(tokens), prep.input_ids.numel(), k, per_layer)
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+def baseline_selectors(
+    hf: HFRunner, seed: int
+) -> dict[str, Callable[[Prepared, int], tuple[torch.Tensor, None]]]:
+    """Input-pruning baselines: kept indices into the packed visual tokens.
+
+    ``random`` draws with seed ``seed * 1_000_003 + sample index``, so every
+    ratio and every run sees the same stream per question.
+    """
+
+    def rand(p: Prepared, k: int) -> tuple[torch.Tensor, None]:
+        return random_select(p.num_visual, k, seed * 1_000_003 + p.index), None
+
+    def grid(p: Prepared, k: int) -> tuple[torch.Tensor, None]:
+        return grid_select(p.layout, k), None
+
+    def cls(p: Prepared, k: int) -> tuple[torch.Tensor, None]:
+        return cls_attention_select(p.cls_deep, k, p.layout), None
+
+    def text(p: Prepared, k: int) -> tuple[torch.Tensor, None]:
+        return text_attention_select(p.text_attn, k), None
+
+    def div(p: Prepared, k: int) -> tuple[torch.Tensor, None]:
+        return diversity_select(p.embeds[p.visual_rows], k), None
+
+    return {"random": rand, "grid": grid, "cls-attn": cls, "text-attn": text, "diversity": div}
+
+
+# --------------------------------------------------------------------------- #
+# Driver
+# --------------------------------------------------------------------------- #
+
+
+def resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, dict[str, Any]]:
+    """The checkpoint to evaluate, what kind it is, and its training record."""
+    if args.tiny:
+        from vllm_trio.checkpoints import build_checkpoint
+
+        path = build_checkpoint(tmp / "tiny", preset="tiny", seed=0)
+        return path, "random tiny checkpoint: plumbing only, accuracy is meaningless", {}
+    path = Path(args.model)
+    marker = path / "TRAINING.json"
+    if not marker.exists():
+        raise SystemExit(
+            f"{path} has no TRAINING.json (not trained yet?); pass --tiny to check plumbing"
+        )
+    return path, "trained on generated scenes", json.loads(marker.read_text())
+
+
+def default_depths(num_layers: int) -> list[int]:
+    """The plugin's default depth plus shallower and deeper ones the model has."""
+    wanted = {0, 1, DEFAULT_DEPTH, 4}
+    return sorted(d for d in wanted if 0 <= d < num_layers)
+
+
+def answer_token_budget(tokenizer: Any, samples: list[Sample]) -> int:
+    """Greedy ``max_tokens``: the longest answer (after a space) plus EOS."""
+    lengths = [len(tokenizer.encode(" " + s.answer, add_special_tokens=False)) for s in samples]
+    return max(lengths, default=1) + 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--n", type=int, default=96, help="eval questions (first n of the split)")
+    ap.add_argument("--seed", type=int, default=0, help="eval split seed and random-arm seed")
+    ap.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
+    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--tiny", action="store_true", help="random tiny checkpoint (plumbing)")
+    ap.add_argument("--depths", type=int, nargs="+", help="L for trio-vllm/trio-ref")
+    ap.add_argument(
+        "--arms",
+        nargs="+",
+        default=list(DEFAULT_ARMS),
+        help=f"subset of {', '.join(DEFAULT_ARMS)}, trio-hf",
+    )
+    ap.add_argument("--ve-depth", type=int, default=DEFAULT_DEPTH, help="L of trio+ve/trio-hf")
+    ap.add_argument("--ve-factor", type=float, default=3.0, help="VE budget / final k")
+    ap.add_argument("--fastv-k", type=int, default=2, help="text-attn: attention of layer K")
+    ap.add_argument("--max-tokens", type=int, help="default: longest answer + EOS")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the HF arms")
+    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output stem (.json, .md)")
+    args = ap.parse_args(argv)
+    unknown = set(args.arms) - set(DEFAULT_ARMS) - {"trio-hf"}
+    if unknown:
+        ap.error(f"unknown arms: {sorted(unknown)}")
+    for r in args.ratios:
+        if not 0 < r <= 1:
+            ap.error(f"ratios must be in (0, 1], got {r}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    # Per-sample work on a small model is latency-bound, and OpenMP with every
+    # core busy-waits badly as soon as anything else runs (measured 50x slower
+    # at 2 threads on a loaded 2-core machine).
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    load_start = list(os.getloadavg())
+    arms = set(args.arms)
+    ratios = sorted(set(args.ratios), reverse=True)
+    pruned_ratios = [r for r in ratios if r < 1.0]
+    with tempfile.TemporaryDirectory(prefix="trio-quality-") as tmp:
+        model_dir, kind, training = resolve_model(args, Path(tmp))
+        samples = make_split("eval", args.n, args.seed)
+        log(start, f"{len(samples)} eval samples; model {model_dir} ({kind})")
+        hf = HFRunner(model_dir, max_new_tokens=1, fastv_k=args.fastv_k)
+        max_tokens = args.max_tokens or answer_token_budget(hf.tokenizer, samples)
+        hf.max_new_tokens = max_tokens
+        depths = args.depths or default_depths(hf.num_layers)
+        if any(not 0 <= d < hf.num_layers for d in [*depths, args.ve_depth]):
+            raise SystemExit(f"depths must be in [0, {hf.num_layers - 1}]")
+        timings: dict[str, float] = {}
+        results: list[ArmResult] = []
+
+        t0 = time.perf_counter()
+        prepared = [hf.prepare(i, s) for i, s in enumerate(samples)]
+        timings["prepare"] = time.perf_counter() - t0
+        _freeze_heap()
+        n_vis = [p.num_visual for p in prepared]
+        log(
+            start,
+            f"encoded {len(prepared)} samples: N = {min(n_vis)}..{max(n_vis)} visual tokens, "
+            f"{hf.num_layers} layers, depths {depths}, max_tokens {max_tokens}",
+        )
+
+        if "hf-unpruned" in arms:
+            res = run_hf_input_arm(
+                hf, "hf-unpruned", 1.0, prepared, lambda p, k: (torch.arange(p.num_visual), None)
+            )
+            results.append(res)
+            timings["hf-unpruned"] = res.seconds
+            log(start, f"hf-unpruned: acc {100 * res.accuracy:.1f}% ({res.seconds:.0f}s)")
+
+        selectors = baseline_selectors(hf, args.seed)
+        extra: dict[str, Callable[[Prepared, int], tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        if "trio+ve" in arms:
+            extra["trio+ve"] = lambda p, k: _swap(hf.trio_ve(p, k, args.ve_depth, args.ve_factor))
+        if "trio-hf" in arms:
+            extra[f"trio-hf@{args.ve_depth}"] = lambda p, k: (
+                hf.trio_input_keep(p.embeds, p.visual_rows, k, args.ve_depth),
+                None,
+            )
+        for name, select in [*selectors.items(), *extra.items()]:
+            if name not in arms and not name.startswith("trio-hf"):
+                continue
+            depth = args.ve_depth if name.startswith(("trio+ve", "trio-hf")) else None
+            for ratio in pruned_ratios:
+                res = run_hf_input_arm(hf, name, ratio, prepared, select, depth)
+                results.append(res)
+                timings[name] = timings.get(name, 0.0) + res.seconds
+                log(
+                    start, f"{name} r={ratio:g}: acc {100 * res.accuracy:.1f}% ({res.seconds:.0f}s)"
+                )
+
+        if "trio-ref" in arms:
+            for d in depths:
+                for ratio in pruned_ratios:
+                    res = run_trio_ref(hf, ratio, d, prepared)
+                    results.append(res)
+                    timings[f"trio-ref@{d}"] = timings.get(f"trio-ref@{d}", 0.0) + res.seconds
+                    log(
+                        start,
+                        f"trio-ref@{d} r={ratio:g}: acc {100 * res.accuracy:.1f}% "
+                        f"({res.seconds:.0f}s)",
+                    )
+
+        # vLLM last: an in-process CPU engine pins OpenMP threads and disables
+        # torch.set_num_threads for the rest of the process.
+        max_len = min(hf.config.text_config.max_position_embeddings, 4096)
+        if "stock-vllm" in arms:
+            t0 = time.perf_counter()
+            results += run_vllm(model_dir, samples, [1.0], None, max_tokens, max_len, 0, start)
+            timings["stock-vllm"] = time.perf_counter() - t0
+        if "trio-vllm" in arms and pruned_ratios:
+            for d in depths:
+                t0 = time.perf_counter()
+                results += run_vllm(
+                    model_dir, samples, pruned_ratios, d, max_tokens, max_len, 0, start
+                )
+                timings[f"trio-vllm@{d}"] = time.perf_counter() - t0
+        _fill_vllm_kept(results, prepared)
+
+        results.sort(key=_order)
+        rows = summarise(results, samples, hf.num_layers)
+        meta = {
+            "model": str(model_dir if not args.tiny else "tiny (random)"),
+            "model_kind": kind,
+            "training": training,
+            "n": len(samples),
+            "seed": args.seed,
+            "ratios": ratios,
+            "depths": depths,
+            "default_depth": DEFAULT_DEPTH,
+            "ve_depth": args.ve_depth,
+            "ve_factor": args.ve_factor,
+            "fastv_k": args.fastv_k,
+            "num_layers": hf.num_layers,
+            "max_tokens": max_tokens,
+            "visual_tokens": {"min": min(n_vis), "max": max(n_vis), "mean": _mean(n_vis)},
+            "timings_s": timings,
+            "runtime_s": time.perf_counter() - start,
+            "host": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
+            # Other work on the machine slows every arm alike; keep it on record.
+            "load_avg_start": load_start,
+            "load_avg_end": list(os.getloadavg()),
+        }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
+    table = markdown(rows, meta)
+    out.with_suffix(".md").write_text(table)
+    print(table)
+    log(start, f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    _freeze_heap()
+    return 0
+
+
+def _freeze_heap() -> None:
+    """Move every live object out of the garbage collector's sight (``gc.freeze``).
+
+    Models, engines and prepared samples live until the end, and vLLM alone
+    leaves about a million objects: each full collection (periodic, and the
+    one at interpreter exit) walks all of them, measured at 40 s and more on
+    a loaded 2-core machine. Frozen objects are still freed by reference
+    counting; only cyclic garbage made before a freeze is never reclaimed,
+    which a one-shot benchmark can afford.
+    """
+    gc.freeze()
+
+
+def _swap(pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    visual, keep = pair
+    return keep, visual
+
+
+def _fill_vllm_kept(results: list[ArmResult], prepared: list[Prepared]) -> None:
+    """Kept visual tokens of the vLLM arms (prompt minus text), checked against HF.
+
+    vLLM reports prompt lengths only. Every comparison in the table assumes
+    that vLLM saw the same text and image tokens as the HF arms and kept
+    exactly ``num_kept_tokens(N, r)``; a mismatch would make it meaningless,
+    so it stops the run.
+    """
+    for res in results:
+        if not res.arm.startswith(("stock-vllm", "trio-vllm")):
+            continue
+        for i, prep in enumerate(prepared):
+            text_tokens = prep.input_ids.numel() - prep.num_visual
+            kept = res.prompt_tokens[i] - text_tokens
+            if kept != num_kept_tokens(prep.num_visual, res.ratio):
+                raise RuntimeError(
+                    f"{res.arm} r={res.ratio}: question {i} has {res.prompt_tokens[i]} prompt "
+                    f"tokens in vLLM, expected {text_tokens} text + "
+                    f"{num_kept_tokens(prep.num_visual, res.ratio)} visual"
+                )
+            res.kept_visual[i] = kept
+            res.visual_per_layer[i] = float(kept)
+
+
+def _order(r: ArmResult) -> tuple[int, int, float]:
+    """Table order: unpruned first, then trio arms by depth, then baselines; ratio desc."""
+    names = ["stock-vllm", "hf-unpruned", "trio-vllm", "trio-ref", "trio-hf", "trio+ve"]
+    base = r.arm.split("@")[0]
+    rank = names.index(base) if base in names else len(names) + INPUT_BASELINES.index(base)
+    return rank * 100 + (r.depth or 0), 0, -r.ratio
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,105 @@
+"""Send one real request to a running server the way lmms-eval's OpenAI backend does.
+
+    vllm serve MODEL --plugin trio --trio-keep-ratio 0.111 &
+    .venv/bin/python -m benchmarks.quality.lmms_eval_smoke \
+        --base-url http://127.0.0.1:8000/v1 [--image scene.png] [--keep-ratio 0.25]
+
+Before spending hours on POPE or MME, check that the path lmms-eval will use
+works end to end and that pruning is on: this prints the answer and
+``usage.prompt_tokens``, which shrinks with the keep ratio when the server
+runs ``--plugin trio`` (compare ``--keep-ratio 1``).
+
+Client settings copied from lmms-eval's ``openai`` model (chat backend,
+``lmms_eval/models/chat/openai.py`` and ``protocol.ChatMessages``): the
+``openai`` client's ``chat.completions.create`` with ``model``,
+``messages``, ``max_tokens`` and ``temperature`` (0, greedy); base URL and
+key from ``base_url=``/``api_key=`` or ``OPENAI_API_BASE``/``OPENAI_API_KEY``;
+one user turn with the image parts first, then the text; every image as a
+base64 PNG ``data:image/png;base64,...`` URL. lmms-eval sends no
+``vllm_xargs``, so there the server's ``--trio-keep-ratio`` decides;
+``--keep-ratio`` here adds ``extra_body={"vllm_xargs": {"keep_ratio": r}}``
+to try per-request ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import io
+import os
+from collections.abc import Sequence
+
+from openai import OpenAI
+from PIL import Image
+
+
+def png_data_url(image: Image.Image) -> str:
+    """The image as lmms-eval encodes it by default (PNG, base64 data URL)."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("utf-8")
+
+
+def default_sample() -> tuple[Image.Image, str, str]:
+    """A generated scene with its question and answer (no files needed)."""
+    from .scenes import make_split
+
+    sample = make_split("eval", 1)[0]
+    return sample.image, sample.question, sample.answer
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument(
+        "--base-url",
+        default=os.getenv("OPENAI_API_BASE", "http://127.0.0.1:8000/v1"),
+        help="server's OpenAI base URL (lmms-eval: base_url= or OPENAI_API_BASE)",
+    )
+    ap.add_argument(
+        "--api-key",
+        default=os.getenv("OPENAI_API_KEY", "EMPTY"),
+        help="vllm serve without --api-key accepts any key",
+    )
+    ap.add_argument("--model", help="served model name (default: the server's first model)")
+    ap.add_argument("--image", help="image file (default: a generated scene)")
+    ap.add_argument("--question", help="question text (default: the scene's question)")
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--keep-ratio", type=float, help="per-request ratio via vllm_xargs")
+    args = ap.parse_args(argv)
+
+    if args.image:
+        image, question, expected = Image.open(args.image), args.question or "Describe.", None
+    else:
+        image, question, expected = default_sample()
+        question = args.question or question
+    client = OpenAI(base_url=args.base_url.rstrip("/"), api_key=args.api_key, max_retries=0)
+    model = args.model or client.models.list().data[0].id
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    extra = {} if args.keep_ratio is None else {"vllm_xargs": {"keep_ratio": args.keep_ratio}}
+    response = client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=args.max_tokens,
+        temperature=0,
+        extra_body=extra or None,
+    )
+    print(f"model: {model}")
+    print(f"question: {question}")
+    print(f"answer: {response.choices[0].message.content!r}")
+    if expected is not None:
+        print(f"expected: {expected!r}")
+    usage = response.usage
+    print(f"prompt_tokens: {usage.prompt_tokens if usage else 'n/a'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
