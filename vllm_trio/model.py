@@ -45,11 +45,11 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if get_tensor_model_parallel_world_size() > 1 or get_pp_group().world_size > 1:
-            raise NotImplementedError(
-                "vllm-trio: the TRIO side pass does not support tensor or pipeline "
-                "parallelism yet; run with --tensor-parallel-size 1 and scale out with replicas"
-            )
+        tp, pp = get_tensor_model_parallel_world_size(), get_pp_group().world_size
+        if tp > 1 or pp > 1:
+            from .patching import PARALLELISM_MESSAGE
+
+            raise NotImplementedError(PARALLELISM_MESSAGE.format(tp=tp, pp=pp))
         self.trio_config = TrioConfig.from_hf_config(self.config)
         self.trio_params = TrioParams(
             tau=self.trio_config.tau,

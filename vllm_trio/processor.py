@@ -56,7 +56,28 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
     """LLaVA-NeXT processor that sizes each image's placeholders to k."""
 
     def apply(self, inputs: ProcessorInputs, timing_ctx):  # type: ignore[override]
-        return super().apply(self._with_request_context(inputs), timing_ctx)
+        inputs = self._with_request_context(inputs)
+        out = super().apply(inputs, timing_ctx)
+        if inputs.cache is not None and (
+            len(out["prompt_token_ids"]) >= self.info.ctx.model_config.max_model_len
+        ):
+            self._forget_sent_items(inputs.cache, out["mm_hashes"])
+        return out
+
+    @staticmethod
+    def _forget_sent_items(cache, mm_hashes: Mapping[str, Sequence[str]]) -> None:
+        """Drop this request's items from the API server's sender cache.
+
+        Why: vLLM refuses a prompt that leaves no room for output only after
+        multimodal processing, when its sender cache already records the items
+        as sent to the engine; the request never reaches the engine, so the
+        next request with the same image would be sent without data and fail
+        once with a 500 (vLLM 0.32 "P0/P1 cache drift"). Forgetting them makes
+        that next request carry the data again; at worst it costs a resend.
+        """
+        for hashes in mm_hashes.values():
+            for item_hash in hashes:
+                cache.invalidate(item_hash)
 
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options) -> ProcessorInputs:  # type: ignore[override]
         # Profiling must see the largest possible item: no pruning.
@@ -116,12 +137,43 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
         num_keep = []
         for h, w in image_sizes.tolist():
             n = self.info.get_num_image_tokens(image_width=int(w), image_height=int(h))
-            num_keep.append(num_kept_tokens(n, ratio))
+            k = num_kept_tokens(n, ratio)
+            if k < n:
+                self._check_scoring_context(prompt, n)
+            num_keep.append(k)
         return {
             "trio_prompt_ids": [prompt] * num_items,
             "trio_ordinal": torch.tensor(ordinals, dtype=torch.long),
             "trio_num_keep": torch.tensor(num_keep, dtype=torch.long),
         }
+
+    def _check_scoring_context(self, prompt: torch.Tensor, num_tokens: int) -> None:
+        """Refuse (HTTP 400) an image whose unpruned scoring context exceeds max_model_len.
+
+        The side pass scores an image inside its prompt with all ``num_tokens``
+        visual tokens present (the model's ``_side_pass_context``: the text
+        without any ``<image>`` placeholder, plus this image's N rows). vLLM
+        only checks the *pruned* prompt, so without this check a long prompt
+        would send the side pass past the rotary table (an index error that
+        kills the engine) and past the sequence length the operator sized the
+        server for. Checked here, in the API server, so the client gets a 400
+        before any engine work.
+        """
+        max_len = self.info.ctx.model_config.max_model_len
+        image_token_id = self.info.get_hf_config().image_token_index
+        text_len = int((prompt != image_token_id).sum())
+        if text_len + num_tokens > max_len:
+            from vllm.exceptions import VLLMValidationError
+
+            raise VLLMValidationError(
+                f"vllm-trio scores each image in its unpruned prompt: {text_len} text "
+                f"tokens + {num_tokens} visual tokens = {text_len + num_tokens} tokens, "
+                f"which exceeds the model's maximum context length ({max_len}) even "
+                f"though the pruned prompt may fit. Shorten the text, send a smaller "
+                f"image, or use keep_ratio 1 (no pruning).",
+                parameter="input_tokens",
+                value=text_len + num_tokens,
+            )
 
     def _get_mm_fields_config(
         self, hf_inputs, hf_processor_mm_kwargs
