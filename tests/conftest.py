@@ -7,12 +7,15 @@ read vLLM's own scheduler state and the model's last selection directly.
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-
-from pathlib import Path
+# ``benchmarks`` is a top-level directory of the repository, not an installed
+# package; tests of the quality benchmark import it from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np
 import pytest

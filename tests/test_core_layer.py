@@ -16,6 +16,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
+from vllm_trio.core.hf_adapter import layer_weights_from_hf
 from vllm_trio.core.llama_layer import (
     LlamaLayerWeights,
     Rotary,
@@ -58,24 +59,7 @@ def make_layer(cfg: LlamaConfig, seed: int) -> LlamaDecoderLayer:
 
 def weights_of(layer: LlamaDecoderLayer, cfg: LlamaConfig) -> LlamaLayerWeights:
     """Repack HF's separate projections the way vLLM stores them (fused)."""
-    a, m = layer.self_attn, layer.mlp
-    bias = None
-    if a.q_proj.bias is not None:
-        bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-    return LlamaLayerWeights(
-        input_norm=layer.input_layernorm.weight,
-        post_norm=layer.post_attention_layernorm.weight,
-        eps=cfg.rms_norm_eps,
-        qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-        o_proj=a.o_proj.weight,
-        gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-        down=m.down_proj.weight,
-        num_heads=cfg.num_attention_heads,
-        num_kv_heads=cfg.num_key_value_heads,
-        head_dim=cfg.hidden_size // cfg.num_attention_heads,
-        qkv_bias=bias,
-        o_bias=a.o_proj.bias,
-    )
+    return layer_weights_from_hf(layer, cfg)
 
 
 def vllm_cos_sin(rotary_dim: int, max_pos: int = 512, base: float = THETA) -> torch.Tensor:

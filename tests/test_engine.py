@@ -5,11 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import TEST_DEPTH, chat_prompt, make_image
-from hf_helpers import core_fns, hf_hidden_entering, hf_prompt, load_hf
+from hf_helpers import hf_hidden_entering, hf_prompt, load_hf
 from vllm import SamplingParams
 
 from vllm_trio.accounting import measure_prompt_kv
 from vllm_trio.core import Schedule, TrioParams, num_kept_tokens, select_visual_tokens
+from vllm_trio.core.hf_adapter import core_fns_from_hf
 from vllm_trio.reference import prune_forward_hf
 
 pytestmark = pytest.mark.engine
@@ -66,7 +67,7 @@ def test_selection_equals_pure_pytorch_and_reference(trio_llm_nocache, hf, ratio
         hidden,
         p.visual_positions,
         k,
-        *core_fns(model, TEST_DEPTH, hidden.shape[0]),
+        *core_fns_from_hf(model, TEST_DEPTH, hidden.shape[0]),
         params=TrioParams(),
     )
     assert sel.keep.tolist() == vllm_keep

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from hf_helpers import core_fns, hf_hidden_entering
+from hf_helpers import hf_hidden_entering
 from transformers import (
     CLIPVisionConfig,
     LlamaConfig,
@@ -30,6 +30,7 @@ from vllm_trio.core import (
     TrioParams,
     select_visual_tokens,
 )
+from vllm_trio.core.hf_adapter import core_fns_from_hf
 from vllm_trio.reference import (
     ReferenceResult,
     build_inputs_embeds,
@@ -267,7 +268,7 @@ def test_selection_matches_core(
         hidden,
         res.visual_positions,
         keep,
-        *core_fns(model, layer, hidden.shape[0]),
+        *core_fns_from_hf(model, layer, hidden.shape[0]),
         params=params,
     )
     assert res.saliency[0] is not None

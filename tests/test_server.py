@@ -159,3 +159,16 @@ def test_stock_server_ignores_trio(tiny_ckpt, tmp_path_factory, trio_url: str) -
         assert out.usage.prompt_tokens == trio_full.usage.prompt_tokens
         assert out.choices[0].message.content == trio_full.choices[0].message.content
     assert "TrioLlavaNext" not in log.read_text()
+
+
+def test_lmms_eval_client_path(client: OpenAI) -> None:
+    """The request shape lmms-eval's openai backend sends reaches TRIO (issue 3.5)."""
+    from benchmarks.quality.lmms_eval_smoke import default_sample, lmms_style_chat
+
+    image, question, _ = default_sample()
+    model = client.models.list().data[0].id
+    full = lmms_style_chat(client, model, image, question, max_tokens=4, keep_ratio=1.0)
+    pruned = lmms_style_chat(client, model, image, question, max_tokens=4, keep_ratio=0.111)
+    default = lmms_style_chat(client, model, image, question, max_tokens=4)
+    assert full.choices[0].message.content is not None
+    assert pruned.usage.prompt_tokens < default.usage.prompt_tokens < full.usage.prompt_tokens

@@ -62,7 +62,6 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-import torch.nn.functional as F
 from transformers import (
     AutoProcessor,
     DynamicCache,
@@ -75,14 +74,10 @@ from transformers.models.llava_next.modeling_llava_next import (
 
 from vllm_trio.config import DEFAULT_DEPTH
 from vllm_trio.core import (
-    LlamaLayerWeights,
-    Rotary,
     Schedule,
     TrioParams,
-    decoder_layer,
     merge_dropped,
     num_kept_tokens,
-    rms_norm,
     select_visual_tokens,
     vision_stage_select,
 )
@@ -95,7 +90,7 @@ from vllm_trio.core.baselines import (
     random_select,
     text_attention_select,
 )
-from vllm_trio.core.saliency import HeadFn, LayerFn, NormFn
+from vllm_trio.core.hf_adapter import core_fns_from_hf
 from vllm_trio.reference import generate_hf
 
 from .scenes import FAMILIES, Sample, chat_prompt, make_split, normalize_answer
@@ -285,45 +280,16 @@ class HFRunner:
             out = self.lm(inputs_embeds=step, past_key_values=out.past_key_values, use_cache=True)
 
     def decode(self, tokens: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+        """Text of ``tokens`` as vLLM's detokenizer reports it.
+
+        A byte-level token sequence cut off by ``max_tokens`` can end inside a
+        multi-byte character: HF decodes it as U+FFFD, vLLM's incremental
+        detokenizer withholds the incomplete bytes. Dropping trailing U+FFFD
+        makes the HF and vLLM arms compare answers, not detokenizers.
+        """
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True).rstrip("\ufffd")
 
     # -- TRIO on the HF path ------------------------------------------------ #
-
-    def _core_fns(self, depth: int, seq_len: int) -> tuple[LayerFn, NormFn, HeadFn]:
-        """``vllm_trio.core`` layer/norm/head callables over HF's weights.
-
-        The same plain-PyTorch layer the vLLM side pass runs (over vLLM's copy
-        of these weights), so ``trio-hf@L`` and ``trio-vllm@L`` must agree.
-        """
-        hf = self.lm.layers[depth]
-        a, m, cfg = hf.self_attn, hf.mlp, self.lm.config
-        weights = LlamaLayerWeights(
-            input_norm=hf.input_layernorm.weight,
-            post_norm=hf.post_attention_layernorm.weight,
-            eps=cfg.rms_norm_eps,
-            qkv=torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]),
-            o_proj=a.o_proj.weight,
-            gate_up=torch.cat([m.gate_proj.weight, m.up_proj.weight]),
-            down=m.down_proj.weight,
-            num_heads=cfg.num_attention_heads,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.hidden_size // cfg.num_attention_heads,
-        )
-        inv_freq = self.lm.rotary_emb.inv_freq.float()
-        freqs = torch.arange(seq_len).float()[:, None] * inv_freq[None]
-        rotary = Rotary(torch.cat([freqs.cos(), freqs.sin()], dim=-1), is_neox=True)
-        positions = torch.arange(seq_len)
-
-        def layer_fn(h: torch.Tensor, qi: torch.Tensor) -> torch.Tensor:
-            return decoder_layer(h, weights, rotary, positions, qi)
-
-        def norm_fn(x: torch.Tensor) -> torch.Tensor:
-            return rms_norm(x, self.lm.norm.weight, cfg.rms_norm_eps)
-
-        def head_fn(x: torch.Tensor) -> torch.Tensor:
-            return F.linear(x, self.model.lm_head.weight)
-
-        return layer_fn, norm_fn, head_fn
 
     def trio_input_keep(
         self, embeds: torch.Tensor, visual_rows: torch.Tensor, k: int, depth: int
@@ -337,7 +303,7 @@ class HFRunner:
             hidden[depth][0],
             visual_rows,
             k,
-            *self._core_fns(depth, embeds.shape[0]),
+            *core_fns_from_hf(self.model, depth, embeds.shape[0]),
             params=TrioParams(),
         )
         return sel.keep

@@ -30,6 +30,7 @@ import os
 from collections.abc import Sequence
 
 from openai import OpenAI
+from openai.types.chat import ChatCompletion
 from PIL import Image
 
 
@@ -46,6 +47,34 @@ def default_sample() -> tuple[Image.Image, str, str]:
 
     sample = make_split("eval", 1)[0]
     return sample.image, sample.question, sample.answer
+
+
+def lmms_style_chat(
+    client: OpenAI,
+    model: str,
+    image: Image.Image,
+    question: str,
+    max_tokens: int = 16,
+    keep_ratio: float | None = None,
+) -> ChatCompletion:
+    """One chat request shaped as lmms-eval's ``openai`` chat backend sends it."""
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": png_data_url(image)}},
+                {"type": "text", "text": question},
+            ],
+        }
+    ]
+    extra = None if keep_ratio is None else {"vllm_xargs": {"keep_ratio": keep_ratio}}
+    return client.chat.completions.create(
+        model=model,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        extra_body=extra,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -74,23 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         question = args.question or question
     client = OpenAI(base_url=args.base_url.rstrip("/"), api_key=args.api_key, max_retries=0)
     model = args.model or client.models.list().data[0].id
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": png_data_url(image)}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
-    extra = {} if args.keep_ratio is None else {"vllm_xargs": {"keep_ratio": args.keep_ratio}}
-    response = client.chat.completions.create(
-        model=model,
-        messages=messages,
-        max_tokens=args.max_tokens,
-        temperature=0,
-        extra_body=extra or None,
-    )
+    response = lmms_style_chat(client, model, image, question, args.max_tokens, args.keep_ratio)
     print(f"model: {model}")
     print(f"question: {question}")
     print(f"answer: {response.choices[0].message.content!r}")

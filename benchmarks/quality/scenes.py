@@ -35,7 +35,7 @@ import math
 import random
 import string
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import Literal
 
@@ -47,6 +47,7 @@ __all__ = [
     "COLOURS",
     "FAMILIES",
     "IMAGE_SIZES",
+    "LABEL_STEP",
     "SHAPES",
     "WORDS",
     "Sample",
@@ -88,6 +89,8 @@ QUADRANTS: tuple[str, ...] = ("top left", "top right", "bottom left", "bottom ri
 RELATIONS: tuple[str, ...] = ("left of", "right of", "above", "below")
 
 _CELL = 56  # target grid-cell size in pixels
+#: Label-map value of class index 1 (see ``_Canvas.labels``); 9 classes fit in a byte.
+LABEL_STEP = 25
 _SPLIT_SALT = "vllm-trio/quality-scenes/v1"
 
 
@@ -99,6 +102,8 @@ class Sample:
     question: str
     answer: str
     family: str
+    #: Per-pixel ground truth for training (``_Canvas.labels``); None for eval samples.
+    labels: Image.Image | None = field(default=None, compare=False, repr=False)
 
 
 def normalize_answer(text: str) -> str:
@@ -153,16 +158,28 @@ class Style:
 
     sizes: tuple[tuple[int, int], ...] = IMAGE_SIZES
     object_scale: tuple[float, float] = (0.5, 0.7)
+    #: At most this many shapes besides those a question needs (None: no limit).
+    max_objects: int | None = None
+
+    def cap(self, wanted: int, already: int = 0) -> int:
+        """``wanted`` more objects, limited so a scene has at most ``max_objects``.
+
+        Objects a question needs (``already`` placed ones, and at least one)
+        are kept; only optional ones are dropped.
+        """
+        if self.max_objects is None:
+            return wanted
+        return max(min(wanted, self.max_objects - already), 0 if already else 1)
 
 
 #: The evaluation (and main training) distribution.
 DEFAULT_STYLE = Style()
-#: A training warm-up: small images (one or two anyres tiles, about 140-170
-#: visual tokens instead of up to 340) with bigger objects. Objects then cover a
-#: larger share of the visual tokens, so the attention from the question to
-#: the right tokens -- uniform at initialisation -- gets a stronger gradient,
-#: and each step costs about half as much.
-EASY_STYLE = Style(sizes=((112, 112), (168, 112), (112, 168)), object_scale=(0.7, 0.9))
+#: A training warm-up: bigger objects and at most two optional ones per scene.
+#: A freshly initialised decoder attends uniformly to all visual tokens; with
+#: one or two big objects that average already answers most questions, so the
+#: vision tower and projector learn useful features before the decoder has
+#: learnt to pick out single objects.
+EASY_STYLE = Style(object_scale=(0.7, 0.9), max_objects=2)
 
 
 def make_conversation(
@@ -186,7 +203,7 @@ def make_conversation(
     an evaluation sample).
     """
     canvas, turn, rng = _generate(split, index, seed, EASY_STYLE if easy else DEFAULT_STYLE)
-    sample = Sample(canvas.image, turn.question, turn.answer, turn.family)
+    sample = Sample(canvas.image, turn.question, turn.answer, turn.family, canvas.labels)
     return sample, _extra_turns(canvas, rng, extra_turns, exclude=turn.question)
 
 
@@ -238,6 +255,12 @@ class _Canvas:
         tint = tuple(max(0, min(255, shade + rng.randint(-8, 8))) for _ in range(3))
         self.image = Image.new("RGB", (self.width, self.height), tint)
         self.draw = ImageDraw.Draw(self.image)
+        # Ground-truth map, same geometry as ``image``: channel 0 = colour index + 1,
+        # 1 = shape index + 1, 2 = word index + 1 (0 = background), each times
+        # LABEL_STEP. It goes through the image processor with nearest resampling,
+        # so training can supervise every visual token (``benchmarks.quality.train``).
+        self.labels = Image.new("RGB", (self.width, self.height), (0, 0, 0))
+        self.label_draw = ImageDraw.Draw(self.labels)
         self.free: list[tuple[int, int]] = [
             (c, r) for r in range(self.rows) for c in range(self.cols)
         ]
@@ -283,7 +306,9 @@ class _Canvas:
         cx += self.rng.uniform(-slack, slack)
         cy += self.rng.uniform(-slack, slack)
         obj = _Obj(shape, colour, cx, cy, size, cell)
-        _draw_shape(self.draw, obj, self.rng)
+        _draw_shape(self.draw, obj, COLOURS[colour])
+        label = (list(COLOURS).index(colour) + 1, SHAPES.index(shape) + 1, 0)
+        _draw_shape(self.label_draw, obj, tuple(v * LABEL_STEP for v in label))
         self.objects.append(obj)
         return obj
 
@@ -300,6 +325,8 @@ class _Canvas:
         y = cy - h / 2 - top + self.rng.uniform(-3, 3)
         ink = self.rng.choice(((20, 20, 20), (40, 40, 90), (70, 20, 20)))
         self.draw.text((x, y), text, fill=ink, font=font)
+        box = self.draw.textbbox((x, y), text, font=font)
+        self.label_draw.rectangle(box, fill=(0, 0, (WORDS.index(word) + 1) * LABEL_STEP))
 
 
 class _Retry(Exception):
@@ -312,10 +339,9 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     return ImageFont.load_default(size=size)
 
 
-def _draw_shape(draw: ImageDraw.ImageDraw, obj: _Obj, rng: random.Random) -> None:
+def _draw_shape(draw: ImageDraw.ImageDraw, obj: _Obj, fill: tuple[int, ...]) -> None:
     r = obj.size / 2
     x, y = obj.cx, obj.cy
-    fill = COLOURS[obj.colour]
     if obj.shape == "circle":
         draw.ellipse((x - r, y - r, x + r, y + r), fill=fill)
     elif obj.shape == "square":
@@ -368,7 +394,7 @@ def _any_colour(rng: random.Random) -> str:
 def _colour_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
     """A few objects of distinct shapes; ask the colour of one shape."""
     canvas = _Canvas(rng, style)
-    shapes = rng.sample(SHAPES, rng.randint(2, 4))
+    shapes = rng.sample(SHAPES, style.cap(rng.randint(2, 4)))
     for shape in shapes:
         canvas.place(shape, _any_colour(rng))
     target = rng.choice(canvas.objects)
@@ -380,7 +406,7 @@ def _colour_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
 def _shape_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
     """Ask the shape of the only object of a colour, or in a quadrant."""
     canvas = _Canvas(rng, style)
-    count = rng.randint(2, 4)
+    count = style.cap(rng.randint(2, 4))
     if rng.random() < 0.5:
         colours = _colours(rng, count)
         for colour in colours:
@@ -409,7 +435,7 @@ def _count_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
     others = [s for s in SHAPES if s != shape]
     for _ in range(number):
         canvas.place(shape, _any_colour(rng))
-    for _ in range(rng.randint(0, 2)):
+    for _ in range(style.cap(rng.randint(0, 2), number)):
         canvas.place(rng.choice(others), _any_colour(rng))
     question = f"How many {shape}s are there?"
     return canvas, Turn(question, COUNT_WORDS[number], "count")
@@ -429,7 +455,7 @@ def _relation_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
     a = canvas.place(shape_a, colour_a, lambda c: c == a_cell)
     b = canvas.place(shape_b, colour_b, lambda c: c[axis] != a_cell[axis])
     used = {(colour_a, shape_a), (colour_b, shape_b)}
-    for _ in range(rng.randint(0, 2)):
+    for _ in range(style.cap(rng.randint(0, 2), 2)):
         colour, shape = _any_colour(rng), rng.choice(SHAPES)
         if (colour, shape) not in used:
             used.add((colour, shape))
@@ -450,7 +476,7 @@ def _presence_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
     canvas = _Canvas(rng, style)
     colour, shape = _any_colour(rng), rng.choice(SHAPES)
     present = rng.random() < 0.5
-    count = rng.randint(1, 4)
+    count = style.cap(rng.randint(1, 4))
     if present:
         canvas.place(shape, colour)
         count -= 1
@@ -477,7 +503,7 @@ def _text_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
     canvas = _Canvas(rng, style)
     word = rng.choice(WORDS)
     canvas.write(word)
-    for _ in range(rng.randint(1, 3)):
+    for _ in range(style.cap(rng.randint(1, 3))):
         canvas.place(rng.choice(SHAPES), _any_colour(rng))
     return canvas, Turn("What word is written in the image?", word, "text")
 
