@@ -68,7 +68,7 @@ def performance(prefill: dict[str, Any] | None, throughput: dict[str, Any] | Non
         ax.set_xlabel("keep ratio")
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=8)
-    fig.suptitle("vllm-trio vs stock vLLM (same run, same machine)", fontsize=11)
+    fig.suptitle("vllm-trio vs stock vLLM, measured side by side", fontsize=11)
     fig.tight_layout()
     out = RESULTS / "performance.png"
     fig.savefig(out, dpi=110)

@@ -117,17 +117,18 @@ def decoder_layer(
     k = apply_rotary(k, cos_k, sin_k, rotary.is_neox)
 
     gqa = w.num_heads != w.num_kv_heads
+    # SDPA wants [batch, heads, rows, head_dim]: with 3-D inputs PyTorch's CPU
+    # dispatch falls back to the math kernel, measured 17x slower for a causal
+    # 2,988-token layer (0.90 s vs 0.054 s, bf16, one core).
+    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
     if query_index is None:
         # Full causal prefill: let SDPA skip the masked half.
-        attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), is_causal=True, enable_gqa=gqa
-        )
+        attn = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=gqa)
     else:
         # Causal by row index: row query_index[t] sees rows 0..query_index[t].
         mask = torch.arange(seq, device=hidden.device)[None, :] <= query_index[:, None]
-        attn = F.scaled_dot_product_attention(
-            q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=mask, enable_gqa=gqa
-        )
+        attn = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, enable_gqa=gqa)
+    attn = attn.squeeze(0)
     attn = attn.transpose(0, 1).reshape(x_q.shape[0], q_size)
     attn_out = all_reduce(F.linear(attn, w.o_proj))
     if w.o_bias is not None:
