@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 import os
 import statistics
@@ -15,6 +13,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from PIL import Image, ImageDraw
+
+from vllm_trio.local_server import image_chat_messages
 
 RESULTS = Path(__file__).parent / "results"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -47,19 +47,8 @@ def offline_request(image: Image.Image, ratio: float | None) -> dict[str, Any]:
 
 
 def chat_messages(image: Image.Image) -> list[dict[str, Any]]:
-    """OpenAI chat messages with the image as a base64 data URL."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": QUESTION},
-            ],
-        }
-    ]
+    """OpenAI chat messages: the image as a base64 data URL, then ``QUESTION``."""
+    return image_chat_messages(QUESTION, [image])
 
 
 def bench_checkpoint(preset: str = "bench") -> Path:

@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import base64
-import io
 import json
 import math
 import os
@@ -51,6 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
 from PIL import Image, ImageDraw
+
+from vllm_trio.local_server import image_chat_messages
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (1.0, 0.5, 0.222, 0.111)
@@ -157,12 +157,6 @@ def make_image(seed: int, size: tuple[int, int]) -> Image.Image:
     return img
 
 
-def data_url(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def plan(
     num_requests: int,
     seed: int = 0,
@@ -204,14 +198,10 @@ def solo_ratio(ratio: float) -> float:
 
 
 def body(spec: Spec, model: str, default_ratio: float, solo: bool = False) -> dict[str, Any]:
-    content: list[dict[str, Any]] = [
-        {"type": "image_url", "image_url": {"url": data_url(make_image(s, size))}}
-        for s, size in spec.images
-    ]
-    content.append({"type": "text", "text": spec.question})
+    images = [make_image(s, size) for s, size in spec.images]
     out: dict[str, Any] = {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": image_chat_messages(spec.question, images),
         "max_tokens": spec.max_tokens,
         "temperature": 0,
     }

@@ -16,8 +16,6 @@ point is the plumbing and the token counts.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import json
 import os
 import sys
@@ -27,7 +25,7 @@ from openai import OpenAI
 from PIL import Image, ImageDraw
 
 from vllm_trio.checkpoints import build_checkpoint
-from vllm_trio.local_server import TEST_SERVER_ARGS, vllm_server
+from vllm_trio.local_server import TEST_SERVER_ARGS, image_chat_messages, vllm_server
 
 ROOT = Path(__file__).resolve().parents[1]
 SCENES_MODEL = ROOT / "benchmarks" / "quality" / "model"
@@ -44,22 +42,6 @@ def scene(size: int) -> Image.Image:
     d.ellipse([s, 3 * s, 3 * s, 5 * s], fill="red")
     d.rectangle([5 * s, 3 * s, 7 * s, 5 * s], fill="blue")
     return img
-
-
-def chat_messages(image: Image.Image, question: str) -> list[dict]:
-    """One user turn: the image as a PNG data URL, then the question."""
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-    return [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": url}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
 
 
 def main() -> None:
@@ -98,7 +80,7 @@ def main() -> None:
             for r in args.ratios:
                 out = client.chat.completions.create(
                     model=model,
-                    messages=chat_messages(image, question),
+                    messages=image_chat_messages(question, [image]),
                     max_tokens=8,
                     temperature=0,
                     extra_body={"vllm_xargs": {"keep_ratio": r}},

@@ -26,9 +26,7 @@ Each fault is placed where it claims to be, and the test proves it:
 
 from __future__ import annotations
 
-import base64
 import concurrent.futures
-import io
 import json
 import math
 import os
@@ -41,7 +39,7 @@ import httpx
 import pytest
 from conftest import make_image
 
-from vllm_trio.local_server import RunningServer, vllm_server_process
+from vllm_trio.local_server import RunningServer, image_chat_messages, vllm_server_process
 
 pytestmark = pytest.mark.engine
 
@@ -52,12 +50,6 @@ IDLE_KEYS = ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_
 HOOKS = Path(__file__).resolve().parent / "engine_hooks"
 
 
-def data_url(seed: int) -> str:
-    buf = io.BytesIO()
-    make_image(seed).save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def payload(
     model: str,
     text: str,
@@ -66,13 +58,9 @@ def payload(
     max_tokens: int = 4,
     stream: bool = False,
 ) -> dict:
-    content: list[dict] = [
-        {"type": "image_url", "image_url": {"url": data_url(s)}} for s in image_seeds
-    ]
-    content.append({"type": "text", "text": text})
     return {
         "model": model,
-        "messages": [{"role": "user", "content": content}],
+        "messages": image_chat_messages(text, [make_image(s) for s in image_seeds]),
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,

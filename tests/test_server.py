@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import io
 import json
 from collections.abc import Iterator
 
@@ -13,21 +11,11 @@ from conftest import make_image
 from openai import BadRequestError, OpenAI
 
 from vllm_trio.core.budget import num_kept_tokens
+from vllm_trio.local_server import image_chat_messages as image_messages
 from vllm_trio.local_server import vllm_server
 
 pytestmark = pytest.mark.engine
 N_112 = 88  # visual tokens of a 112x112 image on the tiny checkpoint
-
-
-def data_url(image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-def image_messages(question: str, images: list) -> list[dict]:
-    content = [{"type": "image_url", "image_url": {"url": data_url(im)}} for im in images]
-    return [{"role": "user", "content": [*content, {"type": "text", "text": question}]}]
 
 
 @pytest.fixture(scope="module")

@@ -1,8 +1,11 @@
-"""Start and stop a real ``vllm serve`` on 127.0.0.1 (tests, benchmarks, the demo)."""
+"""Start and stop a real ``vllm serve`` on 127.0.0.1 and build the image chat
+requests sent to it (tests, benchmarks, the demo)."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import io
 import os
 import re
 import signal
@@ -10,11 +13,12 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import requests
+from PIL import Image
 
 #: Small, exact (float32) settings used by tests and the demo on a 2-core CPU.
 TEST_SERVER_ARGS = (
@@ -160,3 +164,18 @@ def vllm_server(
     """Like :func:`vllm_server_process`, yielding only the base URL."""
     with vllm_server_process(model, extra_args, log_path, timeout_s, base_args) as server:
         yield server.url
+
+
+def png_data_url(image: Image.Image) -> str:
+    """``image`` as an RGB PNG ``data:`` URL, the way OpenAI clients (and lmms-eval) send it."""
+    buf = io.BytesIO()
+    image.convert("RGB").save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def image_chat_messages(question: str, images: Sequence[Image.Image]) -> list[dict]:
+    """One user turn: every image first (data URLs), then the question."""
+    parts: list[dict] = [
+        {"type": "image_url", "image_url": {"url": png_data_url(im)}} for im in images
+    ]
+    return [{"role": "user", "content": [*parts, {"type": "text", "text": question}]}]

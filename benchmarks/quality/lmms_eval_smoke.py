@@ -24,8 +24,6 @@ to try per-request ratios.
 from __future__ import annotations
 
 import argparse
-import base64
-import io
 import os
 from collections.abc import Sequence
 
@@ -33,12 +31,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion
 from PIL import Image
 
-
-def png_data_url(image: Image.Image) -> str:
-    """The image as lmms-eval encodes it by default (PNG, base64 data URL)."""
-    buf = io.BytesIO()
-    image.convert("RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("utf-8")
+from vllm_trio.local_server import image_chat_messages
 
 
 def default_sample() -> tuple[Image.Image, str, str]:
@@ -57,16 +50,9 @@ def lmms_style_chat(
     max_tokens: int = 16,
     keep_ratio: float | None = None,
 ) -> ChatCompletion:
-    """One chat request shaped as lmms-eval's ``openai`` chat backend sends it."""
-    messages = [
-        {
-            "role": "user",
-            "content": [
-                {"type": "image_url", "image_url": {"url": png_data_url(image)}},
-                {"type": "text", "text": question},
-            ],
-        }
-    ]
+    """One chat request shaped as lmms-eval's ``openai`` chat backend sends it:
+    one user turn, the image as an RGB PNG data URL first, then the text."""
+    messages = image_chat_messages(question, [image])
     extra = None if keep_ratio is None else {"vllm_xargs": {"keep_ratio": keep_ratio}}
     return client.chat.completions.create(
         model=model,

@@ -460,14 +460,19 @@ def _relation_sample(rng: random.Random, style: Style) -> tuple[_Canvas, Turn]:
         if (colour, shape) not in used:
             used.add((colour, shape))
             canvas.place(shape, colour)
-    truth = {
+    truth = _holds(a, relation, b)
+    question = f"Is the {colour_a} {shape_a} {relation} the {colour_b} {shape_b}?"
+    return canvas, Turn(question, "yes" if truth else "no", "relation")
+
+
+def _holds(a: _Obj, relation: str, b: _Obj) -> bool:
+    """Whether ``a`` is ``relation`` (one of ``RELATIONS``) ``b``, by centres."""
+    return {
         "left of": a.cx < b.cx,
         "right of": a.cx > b.cx,
         "above": a.cy < b.cy,
         "below": a.cy > b.cy,
     }[relation]
-    question = f"Is the {colour_a} {shape_a} {relation} the {colour_b} {shape_b}?"
-    return canvas, Turn(question, "yes" if truth else "no", "relation")
 
 
 @_retrying
@@ -579,12 +584,7 @@ def _question_pools(canvas: _Canvas, rng: random.Random) -> dict[str, list[Turn]
                 axis = 0 if relation in ("left of", "right of") else 1
                 if a.cell[axis] == b.cell[axis]:
                     continue
-                truth = {
-                    "left of": a.cx < b.cx,
-                    "right of": a.cx > b.cx,
-                    "above": a.cy < b.cy,
-                    "below": a.cy > b.cy,
-                }[relation]
+                truth = _holds(a, relation, b)
                 question = f"Is the {a.colour} {a.shape} {relation} the {b.colour} {b.shape}?"
                 answer = "yes" if truth else "no"
                 relation_turns[answer].append(Turn(question, answer, "relation"))
