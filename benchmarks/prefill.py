@@ -14,12 +14,16 @@ one image request per image size (anyres grids) and keep ratio it reports:
 * ``side_s``/``side_pct``: the in-engine side pass of that request (from the
   model's selection log) and its share of stock prefill.
 
-    python benchmarks/prefill.py [--preset bench] [--depth 2] [--repeats 3]
+    python benchmarks/prefill.py [--preset bench] [--depth 2] [--repeats 3] [--tp 1]
+
+With ``--tp N`` both engines run N tensor-parallel workers (every rank runs
+the side pass on its shards) and the results go to ``prefill_tpN.json``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 
 from common import (
@@ -37,6 +41,8 @@ from vllm import SamplingParams
 
 import vllm_trio
 from vllm_trio.accounting import measure_prompt_kv
+from vllm_trio.local_server import cpu_tensor_parallel_env
+from vllm_trio.model import selection_log
 
 
 def timed_generate(llm, req: dict, params: SamplingParams, repeats: int) -> float:
@@ -49,8 +55,8 @@ def trio_prefill(trio, req: dict, params: SamplingParams, repeats: int) -> tuple
 
     def run() -> None:
         trio.generate(req, params, use_tqdm=False)
-        [t] = trio.apply_model(lambda m: m.trio_selection_log[-1].side_pass_s)
-        side.append(t)
+        rank0_log = trio.apply_model(selection_log)[0]
+        side.append(rank0_log[-1].side_pass_s)
 
     total = median_time(run, repeats)
     return total, statistics.median(side[-repeats:])
@@ -75,10 +81,17 @@ def main() -> None:
     ap.add_argument("--output-len", type=int, default=32)
     ap.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in IMAGE_SIZES))
     ap.add_argument("--block-size", type=int, default=32)
+    ap.add_argument("--tp", type=int, default=1, help="tensor-parallel workers per engine")
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
 
-    stock, trio = offline_engines(bench_checkpoint(args.preset), args.depth, args.block_size)
+    parallel = {}
+    if args.tp > 1:
+        for name, value in cpu_tensor_parallel_env(args.tp).items():
+            os.environ.setdefault(name, value)
+        parallel = dict(tensor_parallel_size=args.tp, distributed_executor_backend="mp")
+    ckpt = bench_checkpoint(args.preset)
+    stock, trio = offline_engines(ckpt, args.depth, args.block_size, **parallel)
     first = SamplingParams(max_tokens=1, temperature=0)
     e2e = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
 
@@ -122,12 +135,14 @@ def main() -> None:
         repeats=args.repeats,
         output_len=args.output_len,
         block_size=args.block_size,
+        tensor_parallel_size=args.tp,
         num_layers=model_config.hf_config.text_config.num_hidden_layers,
         dtype=str(model_config.dtype),
     )
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
     print(table(rows, COLUMNS))
-    print(f"saved {save('prefill', {'meta': meta, 'rows': rows})}")
+    name = "prefill" if args.tp == 1 else f"prefill_tp{args.tp}"
+    print(f"saved {save(name, {'meta': meta, 'rows': rows})}")
 
 
 if __name__ == "__main__":

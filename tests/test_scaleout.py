@@ -1,27 +1,170 @@
-"""Tensor/pipeline parallelism is refused up front; replicas are the way to scale out.
+"""Scale-out: tensor parallelism works with TRIO; pipeline parallelism is refused.
 
-The TRIO side pass differentiates one decoder layer in plain PyTorch over the
-model's weights. Under tensor parallelism those weights are shards, and a
-correct gradient needs Megatron-style conjugate collectives (an all-reduce in
-the backward of every column-parallel input, in the forward of every
-row-parallel output, and a vocab-parallel gather of the logits). On this
-development machine (2 cores, one NUMA node) vLLM's CPU build cannot even
-auto-bind two workers (its OpenMP binding asserts one NUMA node per rank), so
-TP=2 could not be measured here. Until it is built and measured, ``--plugin trio``
-refuses TP/PP > 1 while parsing arguments, before any engine process starts
-(docker/README.md documents replicas behind a load balancer instead).
+Under ``--tensor-parallel-size 2`` each worker runs the side pass on its weight
+shards (``vllm_trio.core.TensorParallel``, checked against unsharded maths in
+``test_core_tensor_parallel.py``). Here the real vLLM CPU build runs two
+worker processes joined by its own process group, and every selection and
+greedy answer must equal the single-worker engine's: offline through
+``LLM(tensor_parallel_size=2)`` (selections read from both ranks) and through
+``vllm serve --plugin trio -tp 2`` on 127.0.0.1.
+
+vLLM's CPU workers bind their OpenMP threads per rank; on a host with fewer
+NUMA nodes than ranks (this 2-core machine has one) its automatic binding
+refuses to start, so the tests name the cores with ``VLLM_CPU_OMP_THREADS_BIND``
+as a user on such a host must.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from conftest import ENGINE_KWARGS, TEST_DEPTH, chat_prompt, make_image
+from openai import OpenAI
+from vllm import SamplingParams
+
+from vllm_trio.core.budget import num_kept_tokens
+from vllm_trio.local_server import (
+    cpu_tensor_parallel_env,
+    image_chat_messages,
+    vllm_server_process,
+)
+from vllm_trio.model import selection_log
 
 pytestmark = pytest.mark.engine
+TP = 2
+GREEDY = SamplingParams(temperature=0, max_tokens=8)
+N_112 = 88  # visual tokens of a 112x112 image on the tiny checkpoint
+#: (question, image sizes, keep ratio): several anyres grids, two images in one prompt.
+CASES = [
+    ("tp: what is left of the square?", [(112, 112)], 0.25),
+    ("tp: how many circles?", [(224, 112)], 0.111),
+    ("tp: which colour is on top?", [(112, 224)], 0.5),
+    ("tp: compare the two pictures.", [(112, 112), (300, 200)], 0.2),
+]
+
+
+@contextlib.contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    """``values`` in the environment of an engine started in this process.
+
+    vLLM caches its environment variables once an engine has started here;
+    its own ``disable_envs_cache`` (meant for isolating tests) lets the new
+    values be read, and again drops them for the engines started after.
+    """
+    from vllm import envs
+
+    saved = {name: os.environ.get(name) for name in values}
+    envs.disable_envs_cache()
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
+        envs.disable_envs_cache()
+
+
+@pytest.fixture(scope="module")
+def tp2_llm(tiny_ckpt: Path):
+    """TRIO engine with two tensor-parallel workers; otherwise as ``trio_llm_nocache``.
+
+    Its engine core runs in its own process: vLLM's parallel state is global
+    per process, and tearing down a TP engine inside the test process would
+    take the in-process TP=1 engines' state with it. ``apply_model`` then has
+    to pickle the function it sends (loopback, test only).
+    """
+    from vllm import LLM
+
+    import vllm_trio
+
+    env = {
+        **cpu_tensor_parallel_env(TP),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    }
+    with environment(env):
+        llm = LLM(
+            model=str(tiny_ckpt),
+            tensor_parallel_size=TP,
+            distributed_executor_backend="mp",
+            enable_prefix_caching=False,
+            mm_processor_cache_gb=0,
+            max_num_batched_tokens=2048,
+            **ENGINE_KWARGS,
+            **vllm_trio.engine_kwargs(keep_ratio=0.25, depth=TEST_DEPTH),
+        )
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+
+def _request(question: str, sizes: list[tuple[int, int]], ratio: float) -> dict:
+    images = [make_image(70 + i, size) for i, size in enumerate(sizes)]
+    return {
+        "prompt": chat_prompt(question, len(images)),
+        "multi_modal_data": {"image": images if len(images) > 1 else images[0]},
+        "mm_processor_kwargs": {"trio_keep_ratio": ratio},
+    }
+
+
+def _selections(log: list, prompt_ids: list[int]) -> list[tuple[int, int, list[int]]]:
+    return [(r.ordinal, r.num_tokens, r.keep) for r in log if list(r.prompt_ids) == prompt_ids]
+
+
+def test_tp2_selects_and_answers_as_tp1(tp2_llm, trio_llm_nocache) -> None:
+    requests = [_request(*case) for case in CASES]
+    tp2_out = tp2_llm.generate(requests, GREEDY)
+    tp1_out = trio_llm_nocache.generate(requests, GREEDY)
+    logs = tp2_llm.apply_model(selection_log)
+    assert len(logs) == TP  # one log per worker: the side pass ran on every rank
+    [tp1_log] = trio_llm_nocache.apply_model(selection_log)
+    tokenizer = tp2_llm.get_tokenizer()
+    for (question, sizes, _), one, two in zip(CASES, tp1_out, tp2_out, strict=True):
+        assert two.outputs[0].token_ids == one.outputs[0].token_ids, question
+        assert two.prompt_token_ids == one.prompt_token_ids, question
+        ids = tokenizer.encode(chat_prompt(question, len(sizes)))  # what the side pass saw
+        expected = _selections(tp1_log, ids)
+        assert len(expected) == len(sizes), question  # every image was pruned
+        for rank_log in logs:
+            assert _selections(rank_log, ids) == expected, question
+
+
+def test_vllm_serve_tp2_with_trio(tiny_ckpt: Path, tmp_path: Path, trio_llm_nocache) -> None:
+    """``vllm serve --plugin trio -tp 2``: ratios on the API, answers as one worker gives."""
+    args = ["--plugin", "trio", "--trio-keep-ratio", "0.25", "--trio-depth", str(TEST_DEPTH),
+            "--tensor-parallel-size", str(TP)]  # fmt: skip
+    log = tmp_path / "serve_tp2.log"
+    messages = image_chat_messages("tp: where is the circle?", [make_image(80)])
+    with vllm_server_process(tiny_ckpt, args, log, env=cpu_tensor_parallel_env(TP)) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+        results = {}
+        for ratio in (1.0, 0.111, None):
+            extra = {} if ratio is None else {"vllm_xargs": {"keep_ratio": ratio}}
+            results[ratio] = client.chat.completions.create(
+                model=model, messages=messages, max_tokens=8, temperature=0, extra_body=extra
+            )
+    text_tokens = results[1.0].usage.prompt_tokens - N_112
+    for ratio, resp in results.items():
+        kept = num_kept_tokens(N_112, 0.25 if ratio is None else ratio)
+        assert resp.usage.prompt_tokens == text_tokens + kept, ratio
+        [offline] = trio_llm_nocache.chat(
+            messages,
+            GREEDY,
+            mm_processor_kwargs={"trio_keep_ratio": 0.25 if ratio is None else ratio},
+            use_tqdm=False,
+        )
+        assert resp.choices[0].message.content == offline.outputs[0].text, ratio
+    assert "tensor_parallel_size=2" in log.read_text()
 
 
 def _parse(argv: list[str]):
@@ -37,34 +180,35 @@ def _parse(argv: list[str]):
 
 @pytest.mark.parametrize(
     "flags",
-    [["--tensor-parallel-size", "2"], ["--pipeline-parallel-size", "2"], ["-tp", "4"]],
-    ids=["tp2", "pp2", "tp4"],
+    [["--pipeline-parallel-size", "2"], ["-pp", "2", "-tp", "2"]],
+    ids=["pp2", "pp2-tp2"],
 )
-def test_parallel_trio_is_refused_while_parsing(tiny_ckpt: Path, flags: list[str]) -> None:
+def test_pipeline_parallel_trio_is_refused_while_parsing(tiny_ckpt: Path, flags: list[str]) -> None:
     engine_args, args = _parse(["--model", str(tiny_ckpt), "--plugin", "trio", *flags])
-    with pytest.raises(ValueError, match="does not support tensor or pipeline parallelism"):
+    with pytest.raises(ValueError, match="does not support pipeline parallelism"):
         engine_args.from_cli_args(args)
 
 
-def test_stock_tp_and_trio_tp1_are_untouched(tiny_ckpt: Path) -> None:
-    engine_args, args = _parse(["--model", str(tiny_ckpt), "--tensor-parallel-size", "2"])
-    assert engine_args.from_cli_args(args).tensor_parallel_size == 2
-    engine_args, args = _parse(["--model", str(tiny_ckpt), "--plugin", "trio", "-tp", "1"])
-    assert engine_args.from_cli_args(args).tensor_parallel_size == 1
+def test_tensor_parallel_parsing(tiny_ckpt: Path) -> None:
+    for flags in (["-tp", "2"], ["-tp", "1"]):
+        engine_args, args = _parse(["--model", str(tiny_ckpt), "--plugin", "trio", *flags])
+        assert engine_args.from_cli_args(args).tensor_parallel_size == int(flags[1])
+    engine_args, args = _parse(["--model", str(tiny_ckpt), "--pipeline-parallel-size", "2"])
+    assert engine_args.from_cli_args(args).pipeline_parallel_size == 2  # stock: untouched
 
 
-def test_vllm_serve_tp2_with_trio_fails_fast(tiny_ckpt: Path, tmp_path: Path) -> None:
+def test_vllm_serve_pp2_with_trio_fails_fast(tiny_ckpt: Path, tmp_path: Path) -> None:
     """The real CLI exits non-zero with the message, and no engine process ever starts."""
     vllm_bin = Path(sys.executable).with_name("vllm")
     cmd = [str(vllm_bin), "serve", str(tiny_ckpt), "--host", "127.0.0.1", "--port", "1",
-           "--plugin", "trio", "--tensor-parallel-size", "2", "--enforce-eager"]  # fmt: skip
+           "--plugin", "trio", "--pipeline-parallel-size", "2", "--enforce-eager"]  # fmt: skip
     start = time.monotonic()
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     elapsed = time.monotonic() - start
     log = out.stdout + out.stderr
     (tmp_path / "serve.log").write_text(log)
     assert out.returncode != 0
-    assert "does not support tensor or pipeline parallelism" in log
-    assert "--tensor-parallel-size 2" in log and "replicas" in log
+    assert "does not support pipeline parallelism" in log
+    assert "--pipeline-parallel-size 2" in log and "--tensor-parallel-size" in log
     # Refused before the engine core (and its workers) were spawned.
     assert "EngineCore" not in log and "Worker pid" not in log, f"{elapsed:.0f}s"

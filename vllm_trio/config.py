@@ -25,6 +25,20 @@ DEFAULT_KEEP_RATIO = 0.25
 DEFAULT_DEPTH = 2
 
 
+def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
+    """Refuse pipeline parallelism: the side pass needs decoder layers 0..L, the
+    final norm and the LM head on one rank, and pipeline stages split them.
+    (Tensor parallelism is supported: each rank scores with its shards.)"""
+    if pipeline_parallel_size > 1:
+        raise ValueError(
+            "vllm-trio: the TRIO side pass does not support pipeline parallelism "
+            f"(got --pipeline-parallel-size {pipeline_parallel_size}): it needs decoder "
+            "layers 0..L, the final norm and the LM head in one stage. Use "
+            "--tensor-parallel-size to split the model, and replicas behind a load "
+            "balancer to scale out (docker/README.md)"
+        )
+
+
 @dataclass(frozen=True)
 class TrioConfig:
     """Defaults for requests that do not choose their own keep ratio."""

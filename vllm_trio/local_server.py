@@ -27,6 +27,23 @@ TEST_SERVER_ARGS = (
 )  # fmt: skip
 
 
+def cpu_tensor_parallel_env(world_size: int) -> dict[str, str]:
+    """Environment for vLLM CPU workers of ``--tensor-parallel-size world_size`` here.
+
+    vLLM binds each CPU worker's OpenMP threads to one NUMA node and refuses
+    to start with fewer nodes than ranks (a laptop, this 2-core VM), so the
+    cores this process may use are named per rank, split evenly. Workers are
+    spawned, not forked from a process that may already run engine threads.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    per_rank = max(1, len(cores) // world_size)
+    groups = [cores[(r * per_rank) % len(cores) :][:per_rank] for r in range(world_size)]
+    return {
+        "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups),
+        "VLLM_WORKER_MULTIPROC_METHOD": "spawn",
+    }
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,6 +5,11 @@ processor saw (text + this image's N embeddings), runs the side pass at depth
 L with the language model's own weights, and returns the k kept embeddings in
 their original order: exactly the k placeholders the processor reserved.
 
+Under tensor parallelism every rank runs the same side pass on its weight
+shards (``LlamaSidePass`` with vLLM's tensor-parallel collectives) and keeps
+the selection of TP rank 0, so the ranks can never disagree on which
+embeddings make up the prompt.
+
 Other images of the same prompt are left out of an image's side-pass context
 (each item is scored on its own), because vLLM may encode the items of one
 request in different steps and the selection must not depend on scheduling.
@@ -19,14 +24,21 @@ from dataclasses import dataclass
 
 import torch
 from vllm.config import VllmConfig
-from vllm.distributed import get_pp_group, get_tensor_model_parallel_world_size
+from vllm.distributed import (
+    get_pp_group,
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    get_tp_group,
+    tensor_model_parallel_all_gather,
+    tensor_model_parallel_all_reduce,
+)
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings
 from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .config import TrioConfig
-from .core import TrioParams
+from .config import TrioConfig, check_pipeline_parallel
+from .core import TensorParallel, TrioParams
 from .processor import (
     TRIO_FIELDS,
     TrioLlavaNextMultiModalProcessor,
@@ -45,11 +57,8 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        tp, pp = get_tensor_model_parallel_world_size(), get_pp_group().world_size
-        if tp > 1 or pp > 1:
-            from .patching import PARALLELISM_MESSAGE
-
-            raise NotImplementedError(PARALLELISM_MESSAGE.format(tp=tp, pp=pp))
+        check_pipeline_parallel(get_pp_group().world_size)  # offline engines skip the CLI
+        self._tp = _vllm_tensor_parallel()
         self.trio_config = TrioConfig.from_hf_config(self.config)
         self.trio_params = TrioParams(
             tau=self.trio_config.tau,
@@ -60,6 +69,7 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             self.language_model,
             self.trio_config.depth,
             self.config.text_config.vocab_size,
+            self._tp,
         )
         #: Recent selections, newest last; read by tests and debugging tools
         #: through ``LLM.apply_model``. Bounded, so it never grows.
@@ -100,7 +110,11 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     ) -> torch.Tensor:
         """Kept indices of one image's ``feats`` ``[N, D]``, scored in its prompt."""
         embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
-        return self._side_pass.select(embeds, visual_index, k, self.trio_params).keep
+        keep = self._side_pass.select(embeds, visual_index, k, self.trio_params).keep
+        if self._tp is not None:
+            # Ranks agree up to summation order; rank 0 decides near-ties.
+            keep = get_tp_group().broadcast(keep, src=0)
+        return keep
 
     def _side_pass_context(
         self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int
@@ -134,6 +148,28 @@ class SelectionRecord:
     num_tokens: int
     keep: list[int]
     side_pass_s: float
+
+
+def selection_log(model: TrioLlavaNextForConditionalGeneration) -> list[SelectionRecord]:
+    """``LLM.apply_model(selection_log)``: every worker's recent selections.
+
+    A module-level function, because with tensor parallelism ``apply_model``
+    pickles it to each worker process (a lambda cannot travel).
+    """
+    return list(model.trio_selection_log)
+
+
+def _vllm_tensor_parallel() -> TensorParallel | None:
+    """This worker's tensor-parallel group, or None without tensor parallelism."""
+    world = get_tensor_model_parallel_world_size()
+    if world == 1:
+        return None
+    return TensorParallel(
+        world_size=world,
+        rank=get_tensor_model_parallel_rank(),
+        all_reduce=tensor_model_parallel_all_reduce,
+        all_gather=lambda x: tensor_model_parallel_all_gather(x, dim=-1),
+    )
 
 
 def _item(batch: object, i: int) -> torch.Tensor:

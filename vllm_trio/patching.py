@@ -21,7 +21,13 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TRIO_ARCH, TrioConfig
+from .config import (
+    DEFAULT_DEPTH,
+    DEFAULT_KEEP_RATIO,
+    TRIO_ARCH,
+    TrioConfig,
+    check_pipeline_parallel,
+)
 from .core.budget import validate_keep_ratio
 from .processor import KEEP_RATIO_KWARG
 
@@ -120,36 +126,13 @@ def trio_config_from_args(args: argparse.Namespace) -> TrioConfig | None:
         if ratio is not None or depth is not None:
             raise ValueError("--trio-keep-ratio/--trio-depth need --plugin trio")
         return None
-    check_parallelism(
-        getattr(args, "tensor_parallel_size", 1) or 1,
-        getattr(args, "pipeline_parallel_size", 1) or 1,
-    )
+    # Refused while parsing: otherwise `vllm serve` would spawn the engine and
+    # its workers and fail only once the model is built.
+    check_pipeline_parallel(getattr(args, "pipeline_parallel_size", 1) or 1)
     return TrioConfig(
         keep_ratio=DEFAULT_KEEP_RATIO if ratio is None else ratio,
         depth=DEFAULT_DEPTH if depth is None else depth,
     )
-
-
-#: Why TP/PP are refused, and what to do instead (also raised by the model
-#: itself, for offline engines that bypass the command line).
-PARALLELISM_MESSAGE = (
-    "vllm-trio: the TRIO side pass does not support tensor or pipeline parallelism "
-    "(got --tensor-parallel-size {tp}, --pipeline-parallel-size {pp}); run with "
-    "--tensor-parallel-size 1 and scale out with replicas: one server per GPU behind a "
-    "load balancer (docker/README.md)"
-)
-
-
-def check_parallelism(tensor_parallel_size: int, pipeline_parallel_size: int) -> None:
-    """Refuse TP/PP > 1 while parsing arguments, before any engine process starts.
-
-    Without this, ``vllm serve --plugin trio --tensor-parallel-size 2`` would
-    spawn the engine and its workers and only fail once the model is built.
-    """
-    if tensor_parallel_size > 1 or pipeline_parallel_size > 1:
-        raise ValueError(
-            PARALLELISM_MESSAGE.format(tp=tensor_parallel_size, pp=pipeline_parallel_size)
-        )
 
 
 def merge_hf_overrides(existing: Any, trio: TrioConfig) -> Any:

@@ -9,20 +9,26 @@ place), and run the plain-PyTorch layer from ``vllm_trio.core`` over them. On
 GPU these are the same tensors vLLM uses (no copy); on the CPU build the
 references keep ``L + 1`` layers' unpacked weights alive next to vLLM's packed
 copy.
+
+Under tensor parallelism the references are this rank's shards: every rank
+runs the side pass on the same prompt with ``vllm_trio.core.TensorParallel``
+placing the collectives (and their conjugate gradients), so each rank ends up
+with the saliency the unsharded model would give.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from .core import (
     LlamaLayerWeights,
     Rotary,
     Selection,
+    TensorParallel,
     TrioParams,
     decoder_layer,
+    lm_head_logits,
     rms_norm,
     select_visual_tokens,
 )
@@ -71,7 +77,13 @@ class _LayerRefs:
 class LlamaSidePass:
     """Scores visual tokens with layers ``0..depth`` of a vLLM ``LlamaForCausalLM``."""
 
-    def __init__(self, language_model: nn.Module, depth: int, vocab_size: int) -> None:
+    def __init__(
+        self,
+        language_model: nn.Module,
+        depth: int,
+        vocab_size: int,
+        tp: TensorParallel | None = None,
+    ) -> None:
         layers = language_model.model.layers
         if depth >= len(layers):
             raise ValueError(
@@ -83,6 +95,7 @@ class LlamaSidePass:
         self._norm = language_model.model.norm
         self._lm_head = language_model.lm_head
         self._vocab_size = vocab_size
+        self._tp = tp
 
     def hidden_at_depth(self, embeds: torch.Tensor) -> torch.Tensor:
         """Residual stream entering layer ``depth`` (forward only, full prompt)."""
@@ -90,7 +103,9 @@ class LlamaSidePass:
         hidden = embeds
         with torch.no_grad():
             for refs in self._layers[: self.depth]:
-                hidden = decoder_layer(hidden, refs.weights(), refs.rotary(), positions)
+                hidden = decoder_layer(
+                    hidden, refs.weights(), refs.rotary(), positions, tp=self._tp
+                )
         return hidden
 
     def select(
@@ -106,15 +121,15 @@ class LlamaSidePass:
         weights, rotary = refs.weights(), refs.rotary()
         positions = torch.arange(embeds.shape[0], device=embeds.device)
         norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
-        head_w = self._lm_head.weight.data[: self._vocab_size]
+        head_w, tp = self._lm_head.weight.data, self._tp
 
         def layer_fn(h: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-            return decoder_layer(h, weights, rotary, positions, query_index)
+            return decoder_layer(h, weights, rotary, positions, query_index, tp=tp)
 
         def norm_fn(h: torch.Tensor) -> torch.Tensor:
             return rms_norm(h, norm_w, norm_eps)
 
         def head_fn(h: torch.Tensor) -> torch.Tensor:
-            return F.linear(h, head_w)
+            return lm_head_logits(h, head_w, self._vocab_size, tp)
 
         return select_visual_tokens(hidden, visual_index, k, layer_fn, norm_fn, head_fn, params)

@@ -4,17 +4,18 @@ vLLM's own layers cannot be differentiated (their CPU GEMM is a custom op
 without a backward, and their attention needs vLLM's forward context and KV
 cache), so the side pass runs this forward on the very same weight tensors.
 It is also what makes the "queries only at the loss positions" saving possible.
-Tensor-parallel shards work unchanged as long as ``all_reduce`` sums the
-row-parallel outputs across ranks.
+With a ``TensorParallel`` group the weights are one rank's shards and the
+layer places the collectives (and their gradients) where vLLM's sharding needs them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .tensor_parallel import TensorParallel
 
 
 @dataclass(frozen=True)
@@ -72,17 +73,13 @@ def apply_rotary(
     return torch.cat([out, x_pass], dim=-1)
 
 
-def _identity(x: torch.Tensor) -> torch.Tensor:
-    return x
-
-
 def decoder_layer(
     hidden: torch.Tensor,
     w: LlamaLayerWeights,
     rotary: Rotary,
     positions: torch.Tensor,
     query_index: torch.Tensor | None = None,
-    all_reduce: Callable[[torch.Tensor], torch.Tensor] = _identity,
+    tp: TensorParallel | None = None,
 ) -> torch.Tensor:
     """Residual-stream output of one Llama layer.
 
@@ -92,10 +89,14 @@ def decoder_layer(
         query_index: rows whose output is wanted (default: all). Keys and
             values are computed for every row; queries, the MLP and the
             residual only for these rows, which is exact under causal attention.
-        all_reduce: sums row-parallel partial outputs across TP ranks.
+        tp: the tensor-parallel group when ``w`` holds one rank's shards
+            (vLLM's layout: q/k/v heads and gate/up rows split, o_proj and
+            down split by input columns); ``hidden`` is the same on every rank.
     """
     seq = hidden.shape[0]
     x = rms_norm(hidden, w.input_norm, w.eps)
+    if tp is not None:
+        x = tp.enter(x)
     if query_index is None:
         x_q, h_q, pos_q = x, hidden, positions
     else:
@@ -130,11 +131,36 @@ def decoder_layer(
         attn = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, enable_gqa=gqa)
     attn = attn.squeeze(0)
     attn = attn.transpose(0, 1).reshape(x_q.shape[0], q_size)
-    attn_out = all_reduce(F.linear(attn, w.o_proj))
+    attn_out = F.linear(attn, w.o_proj)
+    if tp is not None:
+        attn_out = tp.reduce(attn_out)
     if w.o_bias is not None:
         attn_out = attn_out + w.o_bias
     h = h_q + attn_out
 
     y = rms_norm(h, w.post_norm, w.eps)
+    if tp is not None:
+        y = tp.enter(y)
     gate, up = F.linear(y, w.gate_up).chunk(2, dim=-1)
-    return h + all_reduce(F.linear(F.silu(gate) * up, w.down))
+    mlp_out = F.linear(F.silu(gate) * up, w.down)
+    if tp is not None:
+        mlp_out = tp.reduce(mlp_out)
+    return h + mlp_out
+
+
+def lm_head_logits(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    vocab_size: int,
+    tp: TensorParallel | None = None,
+) -> torch.Tensor:
+    """Logits over the real vocabulary ``[..., vocab_size]``.
+
+    ``weight`` may have padding rows past ``vocab_size`` (vLLM pads the LM
+    head), and under tensor parallelism it is this rank's contiguous slice of
+    the padded rows, as in vLLM's ``ParallelLMHead``.
+    """
+    if tp is None:
+        return F.linear(hidden, weight[:vocab_size])
+    logits = tp.gather_last_dim(F.linear(tp.enter(hidden), weight))
+    return logits[..., :vocab_size]
