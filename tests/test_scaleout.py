@@ -183,18 +183,36 @@ def _parse(argv: list[str]):
     [["--pipeline-parallel-size", "2"], ["-pp", "2", "-tp", "2"]],
     ids=["pp2", "pp2-tp2"],
 )
-def test_pipeline_parallel_trio_is_refused_while_parsing(tiny_ckpt: Path, flags: list[str]) -> None:
+def test_pipeline_parallel_trio_is_refused_with_the_engine_config(
+    tiny_ckpt: Path, flags: list[str]
+) -> None:
     engine_args, args = _parse(["--model", str(tiny_ckpt), "--plugin", "trio", *flags])
+    parsed = engine_args.from_cli_args(args)
     with pytest.raises(ValueError, match="does not support pipeline parallelism"):
-        engine_args.from_cli_args(args)
+        parsed.create_engine_config()
 
 
-def test_tensor_parallel_parsing(tiny_ckpt: Path) -> None:
+def test_offline_pipeline_parallel_trio_is_refused(tiny_ckpt: Path) -> None:
+    """``LLM(..., pipeline_parallel_size=2)`` fails in the caller, before spawning workers."""
+    from vllm import LLM
+
+    import vllm_trio
+
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="does not support pipeline parallelism"):
+        LLM(model=str(tiny_ckpt), pipeline_parallel_size=2, **ENGINE_KWARGS,
+            **vllm_trio.engine_kwargs())  # fmt: skip
+    assert time.monotonic() - start < 60
+
+
+def test_tensor_parallel_config(tiny_ckpt: Path) -> None:
     for flags in (["-tp", "2"], ["-tp", "1"]):
         engine_args, args = _parse(["--model", str(tiny_ckpt), "--plugin", "trio", *flags])
-        assert engine_args.from_cli_args(args).tensor_parallel_size == int(flags[1])
+        config = engine_args.from_cli_args(args).create_engine_config()
+        assert config.parallel_config.tensor_parallel_size == int(flags[1])
     engine_args, args = _parse(["--model", str(tiny_ckpt), "--pipeline-parallel-size", "2"])
-    assert engine_args.from_cli_args(args).pipeline_parallel_size == 2  # stock: untouched
+    config = engine_args.from_cli_args(args).create_engine_config()
+    assert config.parallel_config.pipeline_parallel_size == 2  # stock: untouched
 
 
 def test_vllm_serve_pp2_with_trio_fails_fast(tiny_ckpt: Path, tmp_path: Path) -> None:

@@ -25,7 +25,6 @@ from dataclasses import dataclass
 import torch
 from vllm.config import VllmConfig
 from vllm.distributed import (
-    get_pp_group,
     get_tensor_model_parallel_rank,
     get_tensor_model_parallel_world_size,
     get_tp_group,
@@ -37,7 +36,7 @@ from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .config import TrioConfig, check_pipeline_parallel
+from .config import TrioConfig
 from .core import TensorParallel, TrioParams
 from .processor import (
     TRIO_FIELDS,
@@ -57,7 +56,6 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        check_pipeline_parallel(get_pp_group().world_size)  # offline engines skip the CLI
         self._tp = _vllm_tensor_parallel()
         self.trio_config = TrioConfig.from_hf_config(self.config)
         self.trio_params = TrioParams(

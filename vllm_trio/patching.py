@@ -26,7 +26,6 @@ from .config import (
     DEFAULT_KEEP_RATIO,
     TRIO_ARCH,
     TrioConfig,
-    check_pipeline_parallel,
 )
 from .core.budget import validate_keep_ratio
 from .processor import KEEP_RATIO_KWARG
@@ -126,9 +125,6 @@ def trio_config_from_args(args: argparse.Namespace) -> TrioConfig | None:
         if ratio is not None or depth is not None:
             raise ValueError("--trio-keep-ratio/--trio-depth need --plugin trio")
         return None
-    # Refused while parsing: otherwise `vllm serve` would spawn the engine and
-    # its workers and fail only once the model is built.
-    check_pipeline_parallel(getattr(args, "pipeline_parallel_size", 1) or 1)
     return TrioConfig(
         keep_ratio=DEFAULT_KEEP_RATIO if ratio is None else ratio,
         depth=DEFAULT_DEPTH if depth is None else depth,
