@@ -10,6 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from random_llama import random_layer_weights, rotary_table
 
 from vllm_trio.core.llama_layer import (
     LlamaLayerWeights,
@@ -69,26 +70,12 @@ def random_layer(
 ) -> tuple[LlamaLayerWeights, Rotary, torch.Tensor, torch.Tensor]:
     """A random GQA Llama layer, rotary table, final-norm weight and LM head."""
     g = torch.Generator().manual_seed(seed)
-
-    def rnd(*shape: int, scale: float = 0.2) -> torch.Tensor:
-        return torch.randn(*shape, generator=g) * scale
-
-    w = LlamaLayerWeights(
-        input_norm=1 + rnd(DIM, scale=0.1),
-        post_norm=1 + rnd(DIM, scale=0.1),
-        eps=1e-5,
-        qkv=rnd((HEADS + 2 * KV_HEADS) * HEAD_DIM, DIM),
-        o_proj=rnd(DIM, HEADS * HEAD_DIM),
-        gate_up=rnd(2 * INTER, DIM),
-        down=rnd(DIM, INTER),
-        num_heads=HEADS,
-        num_kv_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
+    w = random_layer_weights(
+        g, dim=DIM, heads=HEADS, kv_heads=KV_HEADS, head_dim=HEAD_DIM, inter=INTER
     )
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM))
-    freqs = torch.arange(256).float()[:, None] * inv_freq[None]
-    rotary = Rotary(torch.cat([freqs.cos(), freqs.sin()], dim=-1))
-    return w, rotary, 1 + rnd(DIM, scale=0.1), rnd(VOCAB, DIM, scale=0.5)
+    norm_w = 1 + torch.randn(DIM, generator=g) * 0.1
+    head_w = torch.randn(VOCAB, DIM, generator=g) * 0.5
+    return w, rotary_table(HEAD_DIM, 256), norm_w, head_w
 
 
 def fns(seed: int, seq_len: int) -> tuple[LayerFn, NormFn, HeadFn, AllRowsFn]:

@@ -18,10 +18,10 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
+from random_llama import random_layer_weights, rotary_table
 
 from vllm_trio.core import (
     LlamaLayerWeights,
-    Rotary,
     TensorParallel,
     TrioParams,
     decoder_layer,
@@ -35,33 +35,15 @@ DIM, HEAD_DIM, INTER, VOCAB, PADDED_VOCAB = 48, 8, 64, 100, 128
 SEQ, VISUAL = 40, slice(6, 30)
 
 
-def _layer(gen: torch.Generator, heads: int, kv_heads: int) -> LlamaLayerWeights:
-    def rnd(*shape: int, scale: float = 0.3) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen, dtype=torch.float64) * scale
-
-    return LlamaLayerWeights(
-        input_norm=1 + rnd(DIM, scale=0.1),
-        post_norm=1 + rnd(DIM, scale=0.1),
-        eps=1e-5,
-        qkv=rnd((heads + 2 * kv_heads) * HEAD_DIM, DIM),
-        o_proj=rnd(DIM, heads * HEAD_DIM),
-        gate_up=rnd(2 * INTER, DIM),
-        down=rnd(DIM, INTER),
-        num_heads=heads,
-        num_kv_heads=kv_heads,
-        head_dim=HEAD_DIM,
-    )
-
-
 def _model(heads: int, kv_heads: int) -> dict:
     gen = torch.Generator().manual_seed(heads * 10 + kv_heads)
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).double() / HEAD_DIM))
-    freqs = torch.arange(SEQ).double()[:, None] * inv_freq[None]
+    shape = dict(dim=DIM, heads=heads, kv_heads=kv_heads, head_dim=HEAD_DIM, inter=INTER)
+    layers = [random_layer_weights(gen, **shape, scale=0.3, dtype=torch.float64) for _ in range(2)]
     head = torch.randn(PADDED_VOCAB, DIM, generator=gen, dtype=torch.float64) * 0.5
     head[VOCAB:] = 0.0  # vLLM zero-fills the padding rows
     return {
-        "layers": [_layer(gen, heads, kv_heads) for _ in range(2)],
-        "rotary": Rotary(torch.cat([freqs.cos(), freqs.sin()], dim=-1)),
+        "layers": layers,
+        "rotary": rotary_table(HEAD_DIM, SEQ, torch.float64),
         "norm": 1 + torch.randn(DIM, generator=gen, dtype=torch.float64) * 0.1,
         "head": head,
         "embeds": torch.randn(SEQ, DIM, generator=gen, dtype=torch.float64),
