@@ -41,7 +41,7 @@ from vllm import SamplingParams
 
 import vllm_trio
 from vllm_trio.accounting import measure_prompt_kv
-from vllm_trio.local_server import cpu_tensor_parallel_env
+from vllm_trio.local_server import cpu_worker_env
 from vllm_trio.model import selection_log
 
 
@@ -87,7 +87,7 @@ def main() -> None:
 
     parallel = {}
     if args.tp > 1:
-        for name, value in cpu_tensor_parallel_env(args.tp).items():
+        for name, value in cpu_worker_env(args.tp).items():
             os.environ.setdefault(name, value)
         parallel = dict(tensor_parallel_size=args.tp, distributed_executor_backend="mp")
     ckpt = bench_checkpoint(args.preset)

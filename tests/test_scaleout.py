@@ -18,20 +18,23 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+import requests
 from conftest import ENGINE_KWARGS, TEST_DEPTH, chat_prompt, make_image
 from openai import OpenAI
 from vllm import SamplingParams
 
 from vllm_trio.core.budget import num_kept_tokens
 from vllm_trio.local_server import (
-    cpu_tensor_parallel_env,
+    cpu_worker_env,
     image_chat_messages,
     vllm_server_process,
 )
@@ -88,7 +91,7 @@ def tp2_llm(tiny_ckpt: Path):
     import vllm_trio
 
     env = {
-        **cpu_tensor_parallel_env(TP),
+        **cpu_worker_env(TP),
         "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
         "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
     }
@@ -144,7 +147,7 @@ def test_vllm_serve_tp2_with_trio(tiny_ckpt: Path, tmp_path: Path, trio_llm_noca
             "--tensor-parallel-size", str(TP)]  # fmt: skip
     log = tmp_path / "serve_tp2.log"
     messages = image_chat_messages("tp: where is the circle?", [make_image(80)])
-    with vllm_server_process(tiny_ckpt, args, log, env=cpu_tensor_parallel_env(TP)) as server:
+    with vllm_server_process(tiny_ckpt, args, log, env=cpu_worker_env(TP)) as server:
         client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
         model = client.models.list().data[0].id
         results = {}
@@ -165,6 +168,62 @@ def test_vllm_serve_tp2_with_trio(tiny_ckpt: Path, tmp_path: Path, trio_llm_noca
         )
         assert resp.choices[0].message.content == offline.outputs[0].text, ratio
     assert "tensor_parallel_size=2" in log.read_text()
+
+
+def test_vllm_serve_data_parallel_replicas(
+    tiny_ckpt: Path, tmp_path: Path, trio_llm_nocache
+) -> None:
+    """vLLM's own replicas in one server (``--data-parallel-size 2``, its internal
+    load balancer): concurrent requests land on both engines, each pruned and
+    answered as one engine answers it alone."""
+    args = ["--plugin", "trio", "--trio-keep-ratio", "0.25", "--trio-depth", str(TEST_DEPTH),
+            "--data-parallel-size", "2"]  # fmt: skip
+    cases = [
+        (f"dp: what is in corner {i}?", make_image(100 + i, size), ratio)
+        for i, (size, ratio) in enumerate(
+            [((112, 112), 0.111), ((224, 112), 0.25), ((112, 224), 0.5), ((112, 112), 1.0)] * 2
+        )
+    ]
+    log = tmp_path / "serve_dp2.log"
+    with vllm_server_process(tiny_ckpt, args, log, env=cpu_worker_env(2)) as server:
+        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
+        model = client.models.list().data[0].id
+
+        def ask(case: tuple) -> tuple[str, int]:
+            question, image, ratio = case
+            resp = client.chat.completions.create(
+                model=model, messages=image_chat_messages(question, [image]), max_tokens=8,
+                temperature=0, extra_body={"vllm_xargs": {"keep_ratio": ratio}},
+            )  # fmt: skip
+            return resp.choices[0].message.content, resp.usage.prompt_tokens
+
+        with ThreadPoolExecutor(len(cases)) as pool:
+            answers = list(pool.map(ask, cases))
+        served = requests.get(f"{server.url}/metrics", timeout=10).text
+    # Two API server processes (vLLM defaults --api-server-count to the DP
+    # size), each of which must have switched TRIO on for itself.
+    assert "ApiServer_1" in log.read_text()
+    per_engine = _per_engine(served, "vllm:request_success_total")
+    assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
+    assert sum(per_engine.values()) == len(cases)
+    for (question, image, ratio), (answer, prompt_tokens) in zip(cases, answers, strict=True):
+        [alone] = trio_llm_nocache.chat(
+            image_chat_messages(question, [image]), GREEDY,
+            mm_processor_kwargs={"trio_keep_ratio": ratio}, use_tqdm=False,
+        )  # fmt: skip
+        assert prompt_tokens == len(alone.prompt_token_ids), question  # pruned as alone
+        assert answer == alone.outputs[0].text, question
+
+
+def _per_engine(metrics_text: str, name: str) -> dict[str, float]:
+    """``engine label -> value`` of one Prometheus counter, summed over its other labels."""
+    out: dict[str, float] = {}
+    for line in metrics_text.splitlines():
+        match = re.match(rf"^{re.escape(name)}\{{(.*)\}}\s+(\S+)$", line)
+        engine = match and re.search(r'engine="([^"]+)"', match.group(1))
+        if engine:
+            out[engine.group(1)] = out.get(engine.group(1), 0.0) + float(match.group(2))
+    return out
 
 
 def _parse(argv: list[str]):

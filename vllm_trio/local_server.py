@@ -27,17 +27,17 @@ TEST_SERVER_ARGS = (
 )  # fmt: skip
 
 
-def cpu_tensor_parallel_env(world_size: int) -> dict[str, str]:
-    """Environment for vLLM CPU workers of ``--tensor-parallel-size world_size`` here.
+def cpu_worker_env(num_workers: int) -> dict[str, str]:
+    """Environment for ``num_workers`` vLLM CPU workers here (TP ranks or DP engines).
 
     vLLM binds each CPU worker's OpenMP threads to one NUMA node and refuses
-    to start with fewer nodes than ranks (a laptop, this 2-core VM), so the
-    cores this process may use are named per rank, split evenly. Workers are
+    to start with fewer nodes than workers (a laptop, this 2-core VM), so the
+    cores this process may use are named per worker, split evenly. Workers are
     spawned, not forked from a process that may already run engine threads.
     """
     cores = sorted(os.sched_getaffinity(0))
-    per_rank = max(1, len(cores) // world_size)
-    groups = [cores[(r * per_rank) % len(cores) :][:per_rank] for r in range(world_size)]
+    per_worker = max(1, len(cores) // num_workers)
+    groups = [cores[(r * per_worker) % len(cores) :][:per_worker] for r in range(num_workers)]
     return {
         "VLLM_CPU_OMP_THREADS_BIND": "|".join(",".join(map(str, g)) for g in groups),
         "VLLM_WORKER_MULTIPROC_METHOD": "spawn",

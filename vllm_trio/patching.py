@@ -169,6 +169,11 @@ def _patch_engine_args() -> None:
         trio = trio_config_from_args(args)
         if trio is not None:
             engine_args.hf_overrides = merge_hf_overrides(engine_args.hf_overrides, trio)
+            # Written back too: with several API server processes (vLLM's
+            # `--api-server-count`, implied by `--data-parallel-size`) each
+            # child rebuilds its engine args from these `args` before it has
+            # loaded plugins, i.e. through the unwrapped `from_cli_args`.
+            args.hf_overrides = engine_args.hf_overrides
             logger.info(
                 "vllm-trio: TRIO pruning on (default keep_ratio=%s, depth=%s)",
                 trio.keep_ratio,
