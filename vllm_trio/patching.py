@@ -21,12 +21,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-from .config import (
-    DEFAULT_DEPTH,
-    DEFAULT_KEEP_RATIO,
-    TRIO_ARCH,
-    TrioConfig,
-)
+from .config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TRIO_ARCH, TrioConfig
 from .core.budget import validate_keep_ratio
 from .processor import KEEP_RATIO_KWARG
 
