@@ -612,15 +612,9 @@ def pretrain_vision(
         hidden = tower(torch.cat(pixels), output_hidden_states=True).hidden_states
         tokens = hidden[SPEC.vision_feature_layer][:, 1:]  # the "default" strategy drops CLS
         loss, accuracy = probes.loss(tokens, torch.cat(labels))
-        for group in optimizer.param_groups:
-            group["lr"] = cfg.vision_lr * min(1.0, (step + 1) / cfg.warmup)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
         stats = loss.detach().reshape(1)
-        if world > 1:
-            _all_reduce_gradients(tower, probes, stats, world)
-        torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        optimizer.step()
+        lr = cfg.vision_lr * min(1.0, (step + 1) / cfg.warmup)
+        _update(optimizer, lr, loss, tower, probes, stats, world, cfg.grad_clip)
         recent.append(accuracy)
         if (step + 1) % 50 == 0 or step == cfg.vision_steps - 1:
             mean = torch.tensor(recent).nanmean(0).tolist()
@@ -685,19 +679,13 @@ def _worker(rank: int, cfg: TrainConfig, out_dir: Path, command: str, init_metho
     hits = torch.zeros(2, len(FAMILIES))
     for step in range(cfg.steps):
         batch = make_batch(processor, step, cfg, rank, world)
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg)
         loss, visual, counts = answer_loss(model, batch, aux)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + cfg.aux_weight * visual).backward()
         stats = torch.zeros(2 + 2 * len(FAMILIES))
         stats[0], stats[1] = loss.detach(), visual.detach()
         for i, family in enumerate(FAMILIES):
             stats[2 + i], stats[2 + len(FAMILIES) + i] = counts.get(family, (0, 0))
-        if world > 1:
-            _all_reduce_gradients(model, aux, stats, world)
-        torch.nn.utils.clip_grad_norm_([p for _, p in named], cfg.grad_clip)
-        optimizer.step()
+        total = loss + cfg.aux_weight * visual
+        _update(optimizer, lr_at(step, cfg), total, model, aux, stats, world, cfg.grad_clip)
         value, visual_value = stats[0].item() / world, stats[1].item() / world
         hits += stats[2:].view(2, -1)
         smoothed = value if smoothed is None else 0.95 * smoothed + 0.05 * value
@@ -769,8 +757,33 @@ def _worker(rank: int, cfg: TrainConfig, out_dir: Path, command: str, init_metho
         dist.destroy_process_group()
 
 
+def _update(
+    optimizer: torch.optim.Optimizer,
+    lr: float,
+    loss: torch.Tensor,
+    model: torch.nn.Module,
+    aux: AuxHeads | None,
+    stats: torch.Tensor,
+    world: int,
+    grad_clip: float,
+) -> None:
+    """One optimiser step on ``loss`` for the parameters of ``model`` and ``aux``
+    (both stages): gradients averaged over ranks with ``stats`` summed, clipped."""
+    import torch
+
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [*model.parameters(), *(aux.parameters() if aux else ())]
+    if world > 1:
+        _all_reduce_gradients(params, stats, world)
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    optimizer.step()
+
+
 def _all_reduce_gradients(
-    model: torch.nn.Module, aux: AuxHeads | None, stats: torch.Tensor, world: int
+    params: list[torch.nn.Parameter], stats: torch.Tensor, world: int
 ) -> None:
     """Average gradients over ranks (one flat all-reduce) and sum ``stats``.
 
@@ -780,7 +793,6 @@ def _all_reduce_gradients(
     import torch
     import torch.distributed as dist
 
-    params = [*model.parameters(), *(aux.parameters() if aux else ())]
     grads = [p.grad for p in params if p.grad is not None]
     flat = torch.cat([g.reshape(-1) for g in grads] + [stats])
     dist.all_reduce(flat)
