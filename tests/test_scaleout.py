@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import subprocess
 import sys
 import time
@@ -36,6 +35,7 @@ from vllm_trio.core.budget import num_kept_tokens
 from vllm_trio.local_server import (
     cpu_worker_env,
     image_chat_messages,
+    metric_samples,
     vllm_server_process,
 )
 from vllm_trio.model import selection_log
@@ -148,24 +148,13 @@ def test_vllm_serve_tp2_with_trio(tiny_ckpt: Path, tmp_path: Path, trio_llm_noca
     log = tmp_path / "serve_tp2.log"
     messages = image_chat_messages("tp: where is the circle?", [make_image(80)])
     with vllm_server_process(tiny_ckpt, args, log, env=cpu_worker_env(TP)) as server:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        model = client.models.list().data[0].id
-        results = {}
-        for ratio in (1.0, 0.111, None):
-            extra = {} if ratio is None else {"vllm_xargs": {"keep_ratio": ratio}}
-            results[ratio] = client.chat.completions.create(
-                model=model, messages=messages, max_tokens=8, temperature=0, extra_body=extra
-            )
+        client, model = _openai(server.url)
+        results = {r: _chat(client, model, messages, r) for r in (1.0, 0.111, None)}
     text_tokens = results[1.0].usage.prompt_tokens - N_112
     for ratio, resp in results.items():
         kept = num_kept_tokens(N_112, 0.25 if ratio is None else ratio)
         assert resp.usage.prompt_tokens == text_tokens + kept, ratio
-        [offline] = trio_llm_nocache.chat(
-            messages,
-            GREEDY,
-            mm_processor_kwargs={"trio_keep_ratio": 0.25 if ratio is None else ratio},
-            use_tqdm=False,
-        )
+        offline = _alone(trio_llm_nocache, messages, 0.25 if ratio is None else ratio)
         assert resp.choices[0].message.content == offline.outputs[0].text, ratio
     assert "tensor_parallel_size=2" in log.read_text()
 
@@ -179,26 +168,16 @@ def test_vllm_serve_data_parallel_replicas(
     args = ["--plugin", "trio", "--trio-keep-ratio", "0.25", "--trio-depth", str(TEST_DEPTH),
             "--data-parallel-size", "2"]  # fmt: skip
     cases = [
-        (f"dp: what is in corner {i}?", make_image(100 + i, size), ratio)
+        (image_chat_messages(f"dp: what is in corner {i}?", [make_image(100 + i, size)]), ratio)
         for i, (size, ratio) in enumerate(
             [((112, 112), 0.111), ((224, 112), 0.25), ((112, 224), 0.5), ((112, 112), 1.0)] * 2
         )
     ]
     log = tmp_path / "serve_dp2.log"
     with vllm_server_process(tiny_ckpt, args, log, env=cpu_worker_env(2)) as server:
-        client = OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0, timeout=120)
-        model = client.models.list().data[0].id
-
-        def ask(case: tuple) -> tuple[str, int]:
-            question, image, ratio = case
-            resp = client.chat.completions.create(
-                model=model, messages=image_chat_messages(question, [image]), max_tokens=8,
-                temperature=0, extra_body={"vllm_xargs": {"keep_ratio": ratio}},
-            )  # fmt: skip
-            return resp.choices[0].message.content, resp.usage.prompt_tokens
-
+        client, model = _openai(server.url)
         with ThreadPoolExecutor(len(cases)) as pool:
-            answers = list(pool.map(ask, cases))
+            answers = list(pool.map(lambda case: _chat(client, model, *case), cases))
         served = requests.get(f"{server.url}/metrics", timeout=10).text
     # Two API server processes (vLLM defaults --api-server-count to the DP
     # size), each of which must have switched TRIO on for itself.
@@ -206,23 +185,40 @@ def test_vllm_serve_data_parallel_replicas(
     per_engine = _per_engine(served, "vllm:request_success_total")
     assert sorted(per_engine) == ["0", "1"] and all(n > 0 for n in per_engine.values()), per_engine
     assert sum(per_engine.values()) == len(cases)
-    for (question, image, ratio), (answer, prompt_tokens) in zip(cases, answers, strict=True):
-        [alone] = trio_llm_nocache.chat(
-            image_chat_messages(question, [image]), GREEDY,
-            mm_processor_kwargs={"trio_keep_ratio": ratio}, use_tqdm=False,
-        )  # fmt: skip
-        assert prompt_tokens == len(alone.prompt_token_ids), question  # pruned as alone
-        assert answer == alone.outputs[0].text, question
+    for i, ((messages, ratio), resp) in enumerate(zip(cases, answers, strict=True)):
+        alone = _alone(trio_llm_nocache, messages, ratio)
+        assert resp.usage.prompt_tokens == len(alone.prompt_token_ids), i  # pruned as alone
+        assert resp.choices[0].message.content == alone.outputs[0].text, i
+
+
+def _openai(url: str) -> tuple[OpenAI, str]:
+    """A client of the server at ``url`` and the name of the model it serves."""
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+    return client, client.models.list().data[0].id
+
+
+def _chat(client: OpenAI, model: str, messages: list[dict], ratio: float | None):
+    """Greedy 8-token completion; ``ratio`` None leaves the server's default."""
+    extra = {} if ratio is None else {"vllm_xargs": {"keep_ratio": ratio}}
+    return client.chat.completions.create(
+        model=model, messages=messages, max_tokens=8, temperature=0, extra_body=extra
+    )
+
+
+def _alone(llm, messages: list[dict], ratio: float):
+    """The same chat on the single-worker engine, alone, with the same greedy settings."""
+    [out] = llm.chat(
+        messages, GREEDY, mm_processor_kwargs={"trio_keep_ratio": ratio}, use_tqdm=False
+    )
+    return out
 
 
 def _per_engine(metrics_text: str, name: str) -> dict[str, float]:
     """``engine label -> value`` of one Prometheus counter, summed over its other labels."""
     out: dict[str, float] = {}
-    for line in metrics_text.splitlines():
-        match = re.match(rf"^{re.escape(name)}\{{(.*)\}}\s+(\S+)$", line)
-        engine = match and re.search(r'engine="([^"]+)"', match.group(1))
-        if engine:
-            out[engine.group(1)] = out.get(engine.group(1), 0.0) + float(match.group(2))
+    for sample, labels, value in metric_samples(metrics_text):
+        if sample == name and "engine" in labels:
+            out[labels["engine"]] = out.get(labels["engine"], 0.0) + value
     return out
 
 

@@ -114,17 +114,27 @@ class RunningServer:
 
 
 _METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_METRIC_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="([^"]*)"')
+
+
+def metric_samples(text: str) -> Iterator[tuple[str, dict[str, str], float]]:
+    """``(name, labels, value)`` of every sample in Prometheus text format."""
+    for line in text.splitlines():
+        match = _METRIC_LINE.match(line)
+        if match is None:
+            continue
+        try:
+            value = float(match.group(3))
+        except ValueError:
+            continue
+        yield match.group(1), dict(_METRIC_LABEL.findall(match.group(2) or "")), value
 
 
 def parse_metrics(text: str) -> dict[str, float]:
     """``name -> value`` from Prometheus text format, summing a metric's label sets."""
     out: dict[str, float] = {}
-    for line in text.splitlines():
-        match = _METRIC_LINE.match(line)
-        if match is None:
-            continue
-        with contextlib.suppress(ValueError):
-            out[match.group(1)] = out.get(match.group(1), 0.0) + float(match.group(3))
+    for name, _, value in metric_samples(text):
+        out[name] = out.get(name, 0.0) + value
     return out
 
 
