@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from PIL import Image, ImageDraw
 
-from vllm_trio.local_server import image_chat_messages
+from trio_dev.local_server import image_chat_messages
 
 RESULTS = Path(__file__).parent / "results"
 ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
@@ -52,7 +52,7 @@ def chat_messages(image: Image.Image) -> list[dict[str, Any]]:
 
 
 def bench_checkpoint(preset: str = "bench") -> Path:
-    from vllm_trio.checkpoints import build_checkpoint
+    from trio_dev.checkpoints import build_checkpoint
 
     return build_checkpoint(ARTIFACTS / f"ckpt-{preset}", preset=preset)
 

@@ -4,7 +4,7 @@ Counts multiply-adds as 2 FLOPs, for one image request with a short question,
 at LLaVA-NeXT-7B's shapes (``--model 7b``: Vicuna-7B + CLIP ViT-L/14-336) or
 the local bench checkpoint's (``--model bench``). Prefill only (decode reads
 a shorter KV cache too, not counted). The side pass is what
-``vllm_trio.side_pass`` runs: layers ``0..L-1`` over the unpruned prompt, layer
+``vllm_trio.binding.side_pass`` runs: layers ``0..L-1`` over the unpruned prompt, layer
 ``L`` with queries only at the 4 loss positions (keys/values for all rows),
 norm and LM head at those rows, the input-gradient backward of that, and NMS
 over a prefix of about ``2k`` ranked tokens.

@@ -6,7 +6,7 @@ scratch): stock vLLM LLaVA-NeXT, and TRIO via ``vllm_trio.engine_kwargs``. For
 one image request per image size (anyres grids) and keep ratio it reports:
 
 * ``prompt``/``blocks``: prompt tokens and the KV blocks vLLM's scheduler gave
-  the request (``vllm_trio.accounting``), and ``kv_x``, stock blocks / blocks;
+  the request (``trio_dev.accounting``), and ``kv_x``, stock blocks / blocks;
 * ``prefill_s``: median wall time of the request with ``max_tokens=1``
   (processing, vision encoder, side pass, prefill, one sample), ``speedup``
   against stock for the same image;
@@ -40,9 +40,9 @@ from common import (
 from vllm import SamplingParams
 
 import vllm_trio
-from vllm_trio.accounting import measure_prompt_kv
-from vllm_trio.local_server import cpu_worker_env
-from vllm_trio.model import selection_log
+from trio_dev.accounting import measure_prompt_kv
+from trio_dev.local_server import cpu_worker_env
+from vllm_trio.binding.model import selection_log
 
 
 def timed_generate(llm, req: dict, params: SamplingParams, repeats: int) -> float:

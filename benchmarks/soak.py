@@ -50,7 +50,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import httpx
 from PIL import Image, ImageDraw
 
-from vllm_trio.local_server import image_chat_messages
+from trio_dev.local_server import image_chat_messages
 
 RESULTS = Path(__file__).resolve().parent / "results"
 RATIOS = (1.0, 0.5, 0.222, 0.111)
@@ -317,7 +317,7 @@ def soak(
 ) -> SoakResult:
     """Warm up, measure RSS, run the soak, measure RSS, then check every answer.
 
-    ``server`` is a :class:`vllm_trio.local_server.RunningServer` (anything with
+    ``server`` is a :class:`trio_dev.local_server.RunningServer` (anything with
     ``url``, ``rss_bytes()`` and ``metrics()``).
     """
     from vllm_trio.core.budget import num_kept_tokens
@@ -416,8 +416,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import tempfile
 
-    from vllm_trio.checkpoints import build_checkpoint
-    from vllm_trio.local_server import vllm_server_process
+    from trio_dev.checkpoints import build_checkpoint
+    from trio_dev.local_server import vllm_server_process
 
     model = args.model or build_checkpoint(Path("artifacts") / "ckpt-tiny", preset="tiny", seed=0)
     server_args = [*SERVER_ARGS, "--trio-keep-ratio", str(args.keep_ratio),

@@ -23,7 +23,7 @@ from pathlib import Path
 from common import ARTIFACTS, RATIOS, bench_checkpoint, chat_messages, save, scene, table
 from openai import AsyncOpenAI
 
-from vllm_trio.local_server import vllm_server
+from trio_dev.local_server import vllm_server
 
 KV_BYTES = 1 << 30
 BLOCK_SIZE = 32

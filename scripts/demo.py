@@ -24,10 +24,14 @@ from pathlib import Path
 from openai import OpenAI
 from PIL import Image, ImageDraw
 
-from vllm_trio.checkpoints import build_checkpoint
-from vllm_trio.local_server import TEST_SERVER_ARGS, image_chat_messages, vllm_server
-
 ROOT = Path(__file__).resolve().parents[1]
+# ``trio_dev`` (dev tooling) and ``benchmarks`` are directories of the checkout,
+# not part of the installed package.
+sys.path.insert(0, str(ROOT))
+
+from trio_dev.checkpoints import build_checkpoint  # noqa: E402
+from trio_dev.local_server import TEST_SERVER_ARGS, image_chat_messages, vllm_server  # noqa: E402
+
 SCENES_MODEL = ROOT / "benchmarks" / "quality" / "model"
 #: Eval-split questions shown by the ``scenes`` preset (one colour, two presence;
 #: the shipped model answers all three correctly at keep ratios 1, 0.25, 0.111).
@@ -55,7 +59,6 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.preset == "scenes":
-        sys.path.insert(0, str(ROOT))  # ``benchmarks`` is a directory of the checkout
         from benchmarks.quality.scenes import make_sample
 
         ckpt = SCENES_MODEL

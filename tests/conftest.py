@@ -38,7 +38,7 @@ ENGINE_KWARGS = dict(
 
 @pytest.fixture(scope="session")
 def tiny_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from vllm_trio.checkpoints import build_checkpoint
+    from trio_dev.checkpoints import build_checkpoint
 
     return build_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", preset="tiny", seed=0)
 

@@ -43,8 +43,8 @@ import requests
 from conftest import make_image
 from PIL import Image, ImageDraw
 
+from trio_dev.local_server import RunningServer, vllm_server_process
 from vllm_trio.core.budget import num_kept_tokens
-from vllm_trio.local_server import RunningServer, vllm_server_process
 
 pytestmark = pytest.mark.engine
 

@@ -19,7 +19,7 @@ from transformers import (
     LlavaNextForConditionalGeneration,
 )
 
-from vllm_trio.checkpoints import (
+from trio_dev.checkpoints import (
     DEFAULT_SYSTEM_PROMPT,
     IMAGE_TOKEN,
     MARKER_NAME,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from vllm_trio.core.baselines import (
+from trio_dev.baselines import (
     NEWLINE,
     cls_attention_select,
     diversity_select,

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from trio_dev.vision_stage import merge_dropped, vision_stage_select, window_topk
 from vllm_trio.core.budget import Schedule, Stage, num_kept_tokens, validate_keep_ratio
-from vllm_trio.core.vision_stage import merge_dropped, vision_stage_select, window_topk
 
 # --------------------------------------------------------------------------- budget
 

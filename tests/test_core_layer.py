@@ -16,7 +16,7 @@ from transformers.models.llama.modeling_llama import (
     LlamaRotaryEmbedding,
 )
 
-from vllm_trio.core.hf_adapter import layer_weights_from_hf
+from trio_dev.hf_adapter import layer_weights_from_hf
 from vllm_trio.core.llama_layer import (
     LlamaLayerWeights,
     Rotary,

@@ -201,7 +201,13 @@ def test_wheel_has_the_plugin_entry_point_and_only_the_package(wheel: Path) -> N
     assert "Requires-Dist: vllm==0.32.0" in metadata
     packages = {n.split("/")[0] for n in names if not n.startswith("vllm_trio-")}
     assert packages == {"vllm_trio"}
-    for module in ("plugin.py", "patching.py", "model.py", "processor.py", "core/select.py"):
+    for module in (
+        "plugin.py",
+        "patching.py",
+        "binding/model.py",
+        "binding/processor.py",
+        "core/select.py",
+    ):
         assert f"vllm_trio/{module}" in names
 
 

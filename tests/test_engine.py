@@ -8,10 +8,10 @@ from conftest import TEST_DEPTH, chat_prompt, make_image
 from hf_helpers import hf_hidden_entering, hf_prompt, load_hf
 from vllm import SamplingParams
 
-from vllm_trio.accounting import measure_prompt_kv
+from trio_dev.accounting import measure_prompt_kv
+from trio_dev.hf_adapter import core_fns_from_hf
+from trio_dev.reference import prune_forward_hf
 from vllm_trio.core import Schedule, TrioParams, num_kept_tokens, select_visual_tokens
-from vllm_trio.core.hf_adapter import core_fns_from_hf
-from vllm_trio.reference import prune_forward_hf
 
 pytestmark = pytest.mark.engine
 GREEDY = SamplingParams(temperature=0, max_tokens=6)

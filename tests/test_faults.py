@@ -39,7 +39,7 @@ import httpx
 import pytest
 from conftest import make_image
 
-from vllm_trio.local_server import RunningServer, image_chat_messages, vllm_server_process
+from trio_dev.local_server import RunningServer, image_chat_messages, vllm_server_process
 
 pytestmark = pytest.mark.engine
 

@@ -34,7 +34,7 @@ def test_register_is_idempotent_and_lazy() -> None:
     # model code it imports) loads only when a TRIO model is served.
     probe = (
         "import sys; from vllm_trio.plugin import register; register(); "
-        "print('vllm_trio.model' in sys.modules)"
+        "print('vllm_trio.binding.model' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "False"

@@ -93,7 +93,7 @@ def test_normalize_answer() -> None:
 
 
 def test_chat_prompt_matches_the_chat_template() -> None:
-    from vllm_trio.checkpoints import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+    from trio_dev.checkpoints import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
 
     jinja2 = pytest.importorskip("jinja2")
     prompt = chat_prompt("What colour is the star?")
@@ -165,7 +165,7 @@ def test_patch_labels_match_the_pixels_the_model_sees() -> None:
     import torch
 
     from benchmarks.quality.train import SPEC, patch_labels
-    from vllm_trio.checkpoints import build_processor, build_tokenizer
+    from trio_dev.checkpoints import build_processor, build_tokenizer
 
     processor = build_processor(SPEC, build_tokenizer(SPEC))
     mean = torch.tensor(processor.image_processor.image_mean).view(3, 1, 1)

@@ -25,18 +25,18 @@ from transformers import (
     LlavaNextImageProcessor,
 )
 
-from vllm_trio.core import (
-    Schedule,
-    TrioParams,
-    select_visual_tokens,
-)
-from vllm_trio.core.hf_adapter import core_fns_from_hf
-from vllm_trio.reference import (
+from trio_dev.hf_adapter import core_fns_from_hf
+from trio_dev.reference import (
     ReferenceResult,
     build_inputs_embeds,
     generate_hf,
     loss_position_mask,
     prune_forward_hf,
+)
+from vllm_trio.core import (
+    Schedule,
+    TrioParams,
+    select_visual_tokens,
 )
 
 IMAGE_TOKEN = 127
@@ -368,7 +368,7 @@ def test_generate_pruned(model: LlavaNextForConditionalGeneration, prompt: Promp
 def test_reference_does_not_import_vllm() -> None:
     """The oracle must stay independent of the code it checks (and of vLLM)."""
     code = (
-        "import sys, vllm_trio.reference, vllm_trio.core\n"
+        "import sys, trio_dev.reference, vllm_trio.core\n"
         "bad = [m for m in sys.modules if m == 'vllm' or m.startswith('vllm.')]\n"
         "assert not bad, bad\n"
     )

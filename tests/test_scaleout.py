@@ -31,14 +31,14 @@ from conftest import ENGINE_KWARGS, TEST_DEPTH, chat_prompt, make_image
 from openai import OpenAI
 from vllm import SamplingParams
 
-from vllm_trio.core.budget import num_kept_tokens
-from vllm_trio.local_server import (
+from trio_dev.local_server import (
     cpu_worker_env,
     image_chat_messages,
     metric_samples,
     vllm_server_process,
 )
-from vllm_trio.model import selection_log
+from vllm_trio.binding.model import selection_log
+from vllm_trio.core.budget import num_kept_tokens
 
 pytestmark = pytest.mark.engine
 TP = 2

@@ -10,9 +10,9 @@ import requests
 from conftest import make_image
 from openai import BadRequestError, OpenAI
 
+from trio_dev.local_server import image_chat_messages as image_messages
+from trio_dev.local_server import vllm_server
 from vllm_trio.core.budget import num_kept_tokens
-from vllm_trio.local_server import image_chat_messages as image_messages
-from vllm_trio.local_server import vllm_server
 
 pytestmark = pytest.mark.engine
 N_112 = 88  # visual tokens of a 112x112 image on the tiny checkpoint

@@ -31,7 +31,7 @@ from types import ModuleType
 import httpx
 import pytest
 
-from vllm_trio.local_server import RunningServer, vllm_server_process
+from trio_dev.local_server import RunningServer, vllm_server_process
 
 pytestmark = pytest.mark.engine
 

@@ -21,9 +21,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+from .binding.processor import KEEP_RATIO_KWARG
 from .config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TRIO_ARCH, TrioConfig
 from .core.budget import validate_keep_ratio
-from .processor import KEEP_RATIO_KWARG
 
 logger = logging.getLogger("vllm_trio")
 

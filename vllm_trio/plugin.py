@@ -40,7 +40,7 @@ def register() -> None:
 
     if TRIO_ARCH not in ModelRegistry.get_supported_archs():
         ModelRegistry.register_model(
-            TRIO_ARCH, "vllm_trio.model:TrioLlavaNextForConditionalGeneration"
+            TRIO_ARCH, "vllm_trio.binding.model:TrioLlavaNextForConditionalGeneration"
         )
     MODELS_CONFIG_MAP.setdefault(TRIO_ARCH, TrioEngineConfigCheck)
     patching.apply()

@@ -20,7 +20,7 @@ Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
   (``vllm_trio.engine_kwargs(depth=L)``), the ratio per request through
   ``mm_processor_kwargs``; tokens are scored at depth L, dropped at the input.
 * ``trio-ref@L``: the paper-faithful reference, pruning *inside* the LLM at
-  layer L (``vllm_trio.reference.generate_hf`` with ``Schedule.single(L, k)``):
+  layer L (``trio_dev.reference.generate_hf`` with ``Schedule.single(L, k)``):
   layers below L see every token.
 * ``trio+ve``: the vision-encoder stage (per tile: [CLS]-attention window and
   global picks, dropped tokens merged into kept ones), then TRIO's gradient
@@ -32,7 +32,7 @@ Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
   ``k`` of those survivors, so the LLM sees as many visual tokens as in every
   other arm. Should unpadding leave fewer than ``k`` survivors, the VE stage
   keeps every patch of every tile (no merging) for that image.
-* input-pruning baselines on the HF path (``vllm_trio.core.baselines``):
+* input-pruning baselines on the HF path (``trio_dev.baselines``):
   ``random``, ``grid``, ``cls-attn`` (VisionZip-style, penultimate CLIP
   layer), ``text-attn`` (FastV-style, layer K = 2), ``diversity`` (k-center).
 * ``trio-hf@L`` (only when named in ``--arms``): TRIO at the input on the HF
@@ -72,16 +72,7 @@ from transformers.models.llava_next.modeling_llava_next import (
     image_size_to_num_patches,
 )
 
-from vllm_trio.config import DEFAULT_DEPTH
-from vllm_trio.core import (
-    Schedule,
-    TrioParams,
-    merge_dropped,
-    num_kept_tokens,
-    select_visual_tokens,
-    vision_stage_select,
-)
-from vllm_trio.core.baselines import (
+from trio_dev.baselines import (
     PackedLayout,
     cls_attention_select,
     diversity_select,
@@ -90,8 +81,16 @@ from vllm_trio.core.baselines import (
     random_select,
     text_attention_select,
 )
-from vllm_trio.core.hf_adapter import core_fns_from_hf
-from vllm_trio.reference import generate_hf
+from trio_dev.hf_adapter import core_fns_from_hf
+from trio_dev.reference import generate_hf
+from trio_dev.vision_stage import merge_dropped, vision_stage_select
+from vllm_trio.config import DEFAULT_DEPTH
+from vllm_trio.core import (
+    Schedule,
+    TrioParams,
+    num_kept_tokens,
+    select_visual_tokens,
+)
 
 from .scenes import FAMILIES, Sample, chat_prompt, make_split, normalize_answer
 
@@ -695,7 +694,7 @@ def baseline_selectors(
 def resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, dict[str, Any]]:
     """The checkpoint to evaluate, what kind it is, and its training record."""
     if args.tiny:
-        from vllm_trio.checkpoints import build_checkpoint
+        from trio_dev.checkpoints import build_checkpoint
 
         path = build_checkpoint(tmp / "tiny", preset="tiny", seed=0)
         return path, "random tiny checkpoint: plumbing only, accuracy is meaningless", {}

@@ -31,7 +31,7 @@ from openai import OpenAI
 from openai.types.chat import ChatCompletion
 from PIL import Image
 
-from vllm_trio.local_server import image_chat_messages
+from trio_dev.local_server import image_chat_messages
 
 
 def default_sample() -> tuple[Image.Image, str, str]:

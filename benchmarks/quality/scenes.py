@@ -41,7 +41,7 @@ from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
 
-from vllm_trio.checkpoints import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
+from trio_dev.checkpoints import DEFAULT_SYSTEM_PROMPT, IMAGE_TOKEN
 
 __all__ = [
     "COLOURS",
@@ -122,7 +122,7 @@ def normalize_answer(text: str) -> str:
 def chat_prompt(question: str) -> str:
     """The checkpoint's prompt for ``question`` with one ``<image>`` placeholder.
 
-    This is what ``vllm_trio.checkpoints.CHAT_TEMPLATE`` renders for one user
+    This is what ``trio_dev.checkpoints.CHAT_TEMPLATE`` renders for one user
     turn (image first, then the text) with a generation prompt, minus the
     leading BOS token: tokenize it *with* special tokens (the default of both
     HF tokenizers/processors and vLLM's text prompts), which adds the single

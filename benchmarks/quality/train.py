@@ -9,7 +9,7 @@ LLaVA-NeXT with exactly the architecture vLLM serves
 Llama decoder, anyres tiles, image-newline tokens) on
 ``benchmarks/quality/scenes.py``'s train split, and writes a checkpoint that
 HF transformers and vLLM 0.32 both load (the llava-hf weight layout of
-``vllm_trio.checkpoints``). The defaults are the shipped checkpoint's run
+``trio_dev.checkpoints``). The defaults are the shipped checkpoint's run
 (``benchmarks/quality/model/TRAINING.json`` records the command, every
 hyper-parameter, the loss curve and the eval accuracy): about 35 minutes on
 one core of this machine.
@@ -68,7 +68,7 @@ from typing import TYPE_CHECKING, Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from vllm_trio.checkpoints import (
+from trio_dev.checkpoints import (
     EOS_TOKEN,
     WEIGHTS_NAME,
     CheckpointSpec,

@@ -2,7 +2,7 @@
 
 With ``TRIO_TEST_SIDE_PASS_GATE=<dir>`` set, every process of the server
 (API server, engine core, workers) wraps ``LlamaSidePass.select`` once
-``vllm_trio.side_pass`` is imported: while the file ``<dir>/hold`` exists,
+``vllm_trio.binding.side_pass`` is imported: while the file ``<dir>/hold`` exists,
 a side pass that starts writes ``<dir>/started-<n>`` and waits (at most
 ``HOLD_MAX_S``) until ``hold`` is removed, then runs normally. So a test can
 act (disconnect a client, send SIGTERM) at a moment when a side pass is
@@ -21,7 +21,7 @@ from pathlib import Path
 
 GATE_ENV = "TRIO_TEST_SIDE_PASS_GATE"
 HOLD_MAX_S = 120.0
-TARGET = "vllm_trio.side_pass"
+TARGET = "vllm_trio.binding.side_pass"
 
 
 def _gated(select, gate: Path):
@@ -38,7 +38,7 @@ def _gated(select, gate: Path):
 
 
 class _PatchOnImport(importlib.abc.MetaPathFinder):
-    """Finds ``vllm_trio.side_pass`` as the path finder does; patches it once executed."""
+    """Finds ``vllm_trio.binding.side_pass`` as the path finder does; patches it once executed."""
 
     def __init__(self, gate: Path) -> None:
         self.gate = gate

@@ -36,8 +36,8 @@ from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
-from .config import TrioConfig
-from .core import TensorParallel, TrioParams
+from ..config import TrioConfig
+from ..core import TensorParallel, TrioParams
 from .processor import (
     TRIO_FIELDS,
     TrioLlavaNextMultiModalProcessor,

@@ -31,7 +31,7 @@ Weights are stored in float32. vLLM's ``dtype="auto"`` turns a float32
 checkpoint into bfloat16 on an x86 CPU (it works, and is the faster choice for
 timing); pass ``dtype="float32"`` to compare logits with HF.
 
-CLI: ``python -m vllm_trio.checkpoints --out DIR [--preset tiny|bench] [--seed N]``.
+CLI: ``python -m trio_dev.checkpoints --out DIR [--preset tiny|bench] [--seed N]``.
 """
 
 from __future__ import annotations
@@ -697,7 +697,7 @@ def _refuse_foreign(out: Path, preset: str, seed: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry point; prints the checkpoint directory."""
     parser = argparse.ArgumentParser(
-        prog="python -m vllm_trio.checkpoints",
+        prog="python -m trio_dev.checkpoints",
         description="Build a small random-weight LLaVA-NeXT checkpoint locally.",
     )
     parser.add_argument("--out", required=True, help="output directory")

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .core import (
+from ..core import (
     LlamaLayerWeights,
     Rotary,
     Selection,

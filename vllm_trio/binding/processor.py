@@ -30,8 +30,8 @@ from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from .config import TrioConfig
-from .core.budget import num_kept_tokens, validate_keep_ratio
+from ..config import TrioConfig
+from ..core.budget import num_kept_tokens, validate_keep_ratio
 
 #: Request-level processor kwargs understood by TRIO. ``trio_keep_ratio`` is
 #: public (offline: ``mm_processor_kwargs={"trio_keep_ratio": r}``); the

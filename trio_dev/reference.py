@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from transformers import LlavaNextForConditionalGeneration
 from transformers.masking_utils import create_causal_mask
 
-from .core.budget import Schedule
-from .core.nms import nms_select
-from .core.select import TrioParams
+from vllm_trio.core.budget import Schedule
+from vllm_trio.core.nms import nms_select
+from vllm_trio.core.select import TrioParams
 
 _IGNORE = -100
 _DEFAULT_PARAMS = TrioParams()

@@ -16,8 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .llama_layer import LlamaLayerWeights, Rotary, decoder_layer, rms_norm
-from .saliency import HeadFn, LayerFn, NormFn
+from vllm_trio.core.llama_layer import LlamaLayerWeights, Rotary, decoder_layer, rms_norm
+from vllm_trio.core.saliency import HeadFn, LayerFn, NormFn
 
 
 def layer_weights_from_hf(layer: Any, config: Any) -> LlamaLayerWeights:
