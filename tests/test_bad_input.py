@@ -16,7 +16,7 @@ engine, its caches or the next request. The behaviour chosen:
   I;16, CMYK; GIF/WebP); undecodable, truncated, empty or decompression-bomb
   images, non-data/http URLs and ``file://`` without
   ``--allowed-local-media-path`` are 400 (the bomb and ``file://`` are 500 in
-  stock vLLM 0.32; vllm_trio/patching.py maps them for TRIO models); an http
+  stock vLLM 0.32; vllm_trio/patches/online_renderer.py maps them for TRIO models); an http
   404 is vLLM's 422; an unreachable host stays vLLM's 500 (transient: retry).
 * More images than ``--limit-mm-per-prompt``: 400 naming ``image``.
 * Context: TRIO scores each image inside its *unpruned* prompt, so a request

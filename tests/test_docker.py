@@ -203,7 +203,7 @@ def test_wheel_has_the_plugin_entry_point_and_only_the_package(wheel: Path) -> N
     assert packages == {"vllm_trio"}
     for module in (
         "plugin.py",
-        "patching.py",
+        "patches/__init__.py",
         "binding/model.py",
         "binding/processor.py",
         "core/select.py",

@@ -1,8 +1,12 @@
 """vllm-trio: TRIO visual-token pruning for LLaVA-NeXT served by vLLM.
 
-Layout: ``core/`` the algorithm (pure PyTorch); ``processor``/``model``/
-``side_pass`` the vLLM binding; ``plugin``/``patching`` how it is switched on;
-``reference`` the HF-transformers oracle; ``checkpoints`` local test models.
+Layout: ``core/`` the algorithm (pure PyTorch, no vLLM import); ``binding/``
+the vLLM model, processor and side pass; ``requests/`` what clients and
+operators may send (CLI group, ``vllm_xargs.keep_ratio``, media 400s);
+``patches/`` every change made to vLLM's own objects; ``plugin`` the entry
+point; ``config`` the server-wide settings and the families served;
+``versions`` the vLLM versions supported. Test and benchmark tooling lives in
+the repository's ``trio_dev/``, not in the package.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def engine_kwargs(
     per prompt, pass ``mm_processor_kwargs={"trio_keep_ratio": r}``.
     """
     trio = TrioConfig(keep_ratio=keep_ratio, depth=depth)
-    return {"hf_overrides": {**hf_overrides, **trio.hf_overrides()}}
+    return {"hf_overrides": trio.hf_overrides(hf_overrides or None)}
 
 
 __all__ = ["TrioConfig", "engine_kwargs"]

@@ -7,14 +7,54 @@ vLLM already ships to all of them, with no globals or environment variables.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .core.budget import validate_keep_ratio
 
-#: Architecture name the plugin registers; ``--plugin trio`` selects it.
-TRIO_ARCH = "TrioLlavaNextForConditionalGeneration"
-#: The stock architecture TRIO extends.
+
+@dataclass(frozen=True)
+class Family:
+    """A model family TRIO serves: the stock vLLM architecture it extends, the
+    architecture it registers, and where that class lives (imported lazily by
+    vLLM's registry, only when the family is served)."""
+
+    name: str
+    base_arch: str
+    trio_arch: str
+    model_class: str
+
+
+#: Every family ``--plugin trio`` serves, keyed by the checkpoint's stock architecture.
+FAMILIES: dict[str, Family] = {
+    f.base_arch: f
+    for f in (
+        Family(
+            name="LLaVA-NeXT",
+            base_arch="LlavaNextForConditionalGeneration",
+            trio_arch="TrioLlavaNextForConditionalGeneration",
+            model_class="vllm_trio.binding.model:TrioLlavaNextForConditionalGeneration",
+        ),
+    )
+}
+TRIO_ARCHS = frozenset(f.trio_arch for f in FAMILIES.values())
+
+#: The LLaVA-NeXT names, kept for the binding and tests that are LLaVA-specific.
 BASE_ARCH = "LlavaNextForConditionalGeneration"
+TRIO_ARCH = FAMILIES[BASE_ARCH].trio_arch
+
+
+def trio_family(architecture: str) -> Family:
+    """The family of a checkpoint's architecture, or a refusal that names the ones served."""
+    for family in FAMILIES.values():
+        if architecture in (family.base_arch, family.trio_arch):
+            return family
+    served = ", ".join(f"{f.name} ({f.base_arch})" for f in FAMILIES.values())
+    raise ValueError(
+        f"vllm-trio: --plugin trio serves {served}; this checkpoint's architecture is "
+        f"{architecture!r}. Serve it without --plugin trio."
+    )
+
 
 #: Defaults chosen from the quality table (README "Quality", benchmarks/results/
 #: quality.md): at 0.222-0.333 TRIO kept 95-104% of unpruned accuracy, at 0.111
@@ -23,20 +63,6 @@ BASE_ARCH = "LlavaNextForConditionalGeneration"
 #: cost ((2 + 0.5) / 32 = 7.8% of prefill) the performance target allows.
 DEFAULT_KEEP_RATIO = 0.25
 DEFAULT_DEPTH = 2
-
-
-def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
-    """Refuse pipeline parallelism: the side pass needs decoder layers 0..L, the
-    final norm and the LM head on one rank, and pipeline stages split them.
-    (Tensor parallelism is supported: each rank scores with its shards.)"""
-    if pipeline_parallel_size > 1:
-        raise ValueError(
-            "vllm-trio: the TRIO side pass does not support pipeline parallelism "
-            f"(got --pipeline-parallel-size {pipeline_parallel_size}): it needs decoder "
-            "layers 0..L, the final norm and the LM head in one stage. Use "
-            "--tensor-parallel-size to split the model, and replicas behind a load "
-            "balancer to scale out (docker/README.md)"
-        )
 
 
 @dataclass(frozen=True)
@@ -69,13 +95,64 @@ class TrioConfig:
             include_final_position=getattr(hf_config, "trio_include_final_position", False),
         )
 
-    def hf_overrides(self) -> dict[str, object]:
-        """What to merge into ``EngineArgs.hf_overrides`` to switch TRIO on."""
+    def config_attributes(self) -> dict[str, object]:
+        """The ``trio_*`` attributes every process reads back from the HF config."""
         return {
-            "architectures": [TRIO_ARCH],
             "trio_keep_ratio": self.keep_ratio,
             "trio_depth": self.depth,
             "trio_tau": self.tau,
             "trio_num_loss_positions": self.num_loss_positions,
             "trio_include_final_position": self.include_final_position,
         }
+
+    def hf_overrides(self, base: Any = None) -> TrioHfOverrides:
+        """The ``hf_overrides`` that switch TRIO on, on top of the user's ``base``."""
+        if base is not None and not (isinstance(base, dict) or callable(base)):
+            raise TypeError(f"unsupported hf_overrides type {type(base).__name__}")
+        return TrioHfOverrides(trio=self, base=base)
+
+
+@dataclass(frozen=True)
+class TrioHfOverrides:
+    """vLLM ``hf_overrides`` (the callable form) that switch a checkpoint to TRIO.
+
+    Why a callable and not a dict: the TRIO architecture depends on the
+    checkpoint's own (LLaVA-NeXT today, one entry per family in
+    :data:`FAMILIES`), and a checkpoint of another architecture must be refused
+    with a message naming the ones served, before any engine process starts:
+    vLLM calls this while it builds the model config in the ``vllm serve`` (or
+    ``LLM``) process. It is a module-level dataclass so that it pickles into
+    API-server, engine and worker processes.
+
+    ``base`` is what the user passed as ``--hf-overrides`` (a dict, applied
+    first with vLLM's flat/nested semantics, or a callable).
+    """
+
+    trio: TrioConfig
+    base: Any = field(default=None)
+
+    def __call__(self, config: Any) -> Any:
+        config = self._apply_base(config)
+        architectures = list(getattr(config, "architectures", None) or [])
+        if str(getattr(config, "model_type", "")).startswith("dummy_"):
+            # vLLM probes a callable with a dummy config to see whether it
+            # changes ``model_type``; TRIO never does.
+            return config
+        family = trio_family(architectures[0] if architectures else "")
+        config.architectures = [family.trio_arch]
+        for key, value in self.trio.config_attributes().items():
+            setattr(config, key, value)
+        return config
+
+    def _apply_base(self, config: Any) -> Any:
+        if self.base is None:
+            return config
+        if callable(self.base):
+            return self.base(config)
+        for key, value in self.base.items():
+            sub = getattr(config, key, None)
+            if isinstance(value, dict) and hasattr(sub, "update"):
+                sub.update(value)  # a nested config, as vLLM's dict overrides do
+            else:
+                setattr(config, key, value)
+        return config

@@ -1,9 +1,11 @@
-"""The ``vllm.general_plugins`` entry point (loaded in every vLLM process).
+"""The ``vllm.general_plugins`` entry point, loaded in every vLLM process.
 
-Registration is lazy and side-effect free for stock serving: the TRIO
-architecture is only *available*; a model uses it only when ``--plugin trio``
-(or :func:`vllm_trio.engine_kwargs` offline) selects it through
-``hf_overrides``.
+Free for stock serving: :func:`register` imports no vLLM model code (each
+TRIO architecture is registered as a lazy ``"module:Class"`` string that
+vLLM imports only when a model is served with it), installs wrappers that are
+inert unless the served model is TRIO's, and on an unsupported vLLM version
+logs one error and leaves vLLM untouched except for ``--plugin trio``, which
+then fails with the reason.
 """
 
 from __future__ import annotations
@@ -12,35 +14,33 @@ from typing import TYPE_CHECKING
 
 from vllm.model_executor.models.config import VerifyAndUpdateConfig
 
-from .config import TRIO_ARCH, check_pipeline_parallel
+from .config import FAMILIES
+from .layout import check_layout
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
 
 class TrioEngineConfigCheck(VerifyAndUpdateConfig):
-    """vLLM's per-architecture config hook, run where the engine config is built.
-
-    That is the process that calls ``vllm serve`` or ``LLM(...)``, before any
-    engine or worker process exists, so an unsupported layout fails there
-    with TRIO's message instead of inside every worker.
-    """
+    """vLLM's per-architecture config hook, run where the engine config is built."""
 
     @staticmethod
     def verify_and_update_config(vllm_config: VllmConfig) -> None:
-        check_pipeline_parallel(vllm_config.parallel_config.pipeline_parallel_size)
+        check_layout(vllm_config)
 
 
 def register() -> None:
-    """Register the TRIO model class, its config check and the serving hooks (idempotent)."""
+    """Register the TRIO architectures, their config check and the patches (idempotent)."""
     from vllm import ModelRegistry
     from vllm.model_executor.models.config import MODELS_CONFIG_MAP
 
-    from . import patching
+    from . import patches
+    from .log import log_through_vllm
 
-    if TRIO_ARCH not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(
-            TRIO_ARCH, "vllm_trio.binding.model:TrioLlavaNextForConditionalGeneration"
-        )
-    MODELS_CONFIG_MAP.setdefault(TRIO_ARCH, TrioEngineConfigCheck)
-    patching.apply()
+    log_through_vllm()
+    supported = ModelRegistry.get_supported_archs()
+    for family in FAMILIES.values():
+        if family.trio_arch not in supported:
+            ModelRegistry.register_model(family.trio_arch, family.model_class)
+        MODELS_CONFIG_MAP.setdefault(family.trio_arch, TrioEngineConfigCheck)
+    patches.apply()

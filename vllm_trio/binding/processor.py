@@ -32,11 +32,11 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 
 from ..config import TrioConfig
 from ..core.budget import num_kept_tokens, validate_keep_ratio
+from ..requests.keep_ratio import KEEP_RATIO_KWARG
 
 #: Request-level processor kwargs understood by TRIO. ``trio_keep_ratio`` is
 #: public (offline: ``mm_processor_kwargs={"trio_keep_ratio": r}``); the
 #: others are filled in by the processor itself.
-KEEP_RATIO_KWARG = "trio_keep_ratio"
 _PROMPT_KWARG = "trio_prompt"
 _DEPTH_KWARG = "trio_depth"
 _ORDINALS_KWARG = "trio_item_ordinals"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
 
 from ..config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TrioConfig
 
@@ -71,22 +70,3 @@ def trio_config_from_args(args: argparse.Namespace) -> TrioConfig | None:
         keep_ratio=DEFAULT_KEEP_RATIO if ratio is None else ratio,
         depth=DEFAULT_DEPTH if depth is None else depth,
     )
-
-
-def merge_hf_overrides(existing: Any, trio: TrioConfig) -> Any:
-    """``existing`` hf_overrides (dict, callable or None) plus TRIO's."""
-    extra = trio.hf_overrides()
-    if existing is None:
-        return extra
-    if isinstance(existing, dict):
-        return {**existing, **extra}
-    if callable(existing):
-
-        def combined(config: Any) -> Any:
-            config = existing(config)
-            for key, value in extra.items():
-                setattr(config, key, value)
-            return config
-
-        return combined
-    raise TypeError(f"unsupported hf_overrides type {type(existing).__name__}")
