@@ -11,7 +11,7 @@ from conftest import make_image
 from openai import BadRequestError, OpenAI
 
 from trio_dev.local_server import image_chat_messages as image_messages
-from trio_dev.local_server import vllm_server
+from trio_dev.local_server import metric_samples, vllm_server
 from vllm_trio.core.budget import num_kept_tokens
 
 pytestmark = pytest.mark.engine
@@ -160,3 +160,38 @@ def test_lmms_eval_client_path(client: OpenAI) -> None:
     default = lmms_style_chat(client, model, image, question, max_tokens=4)
     assert full.choices[0].message.content is not None
     assert pruned.usage.prompt_tokens < default.usage.prompt_tokens < full.usage.prompt_tokens
+
+
+def _trio_metrics(url: str) -> dict[tuple[str, str], float]:
+    """``(sample name, stage label) -> value`` of TRIO's series on ``/metrics``."""
+    text = requests.get(f"{url}/metrics", timeout=30).text
+    return {
+        (name, labels.get("stage", "") + labels.get("le", "")): value
+        for name, labels, value in metric_samples(text)
+        if name.startswith("vllm:trio_")
+    }
+
+
+def test_metrics_count_images_tokens_and_side_passes(trio_url: str, client: OpenAI) -> None:
+    """Visual tokens before/after (API-server process) and side-pass time (engine
+    process) on the server's /metrics, moving exactly with the requests sent."""
+    before = _trio_metrics(trio_url)
+    msgs = image_messages("what is shown?", [make_image(60)])
+    for r in (1.0, 0.111, 0.5):
+        chat(client, msgs, r)
+    after = _trio_metrics(trio_url)
+
+    def delta(name: str, label: str = "") -> float:
+        return after.get((name, label), 0.0) - before.get((name, label), 0.0)
+
+    tokens = "vllm:trio_image_visual_tokens"
+    assert delta(f"{tokens}_count", "before") == 3
+    assert delta(f"{tokens}_sum", "before") == 3 * N_112
+    kept = N_112 + num_kept_tokens(N_112, 0.111) + num_kept_tokens(N_112, 0.5)
+    assert delta(f"{tokens}_sum", "after") == kept
+    assert delta("vllm:trio_keep_ratio_sum") == pytest.approx(1.611)
+    assert delta("vllm:trio_keep_ratio_bucket", "0.111") == 1
+    # r = 1 runs no side pass; the other two each ran one (their selections
+    # differ, so neither came from the encoder cache).
+    assert delta("vllm:trio_side_pass_seconds_count") == 2
+    assert 0 < delta("vllm:trio_side_pass_seconds_sum") < 60

@@ -36,6 +36,7 @@ from vllm.model_executor.models.llava import LlavaDummyInputsBuilder
 from vllm.model_executor.models.llava_next import LlavaNextForConditionalGeneration
 from vllm.multimodal import MULTIMODAL_REGISTRY
 
+from .. import metrics
 from ..config import TrioConfig
 from ..core import TensorParallel, TrioParams
 from .processor import (
@@ -57,6 +58,7 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
         self._tp = _vllm_tensor_parallel()
+        self._model_name = vllm_config.model_config.served_model_name
         self.trio_config = TrioConfig.from_hf_config(self.config)
         self.trio_params = TrioParams(
             tau=self.trio_config.tau,
@@ -91,13 +93,16 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             ordinal = int(_item(trio["trio_ordinal"], i))
             start = time.perf_counter()
             keep = self._select(feats, prompt_ids, ordinal, k)
+            seconds = time.perf_counter() - start
+            if self._tp is None or self._tp.rank == 0:  # once per image, not per rank
+                metrics.observe("vllm:trio_side_pass_seconds", seconds, (self._model_name,))
             self.trio_selection_log.append(
                 SelectionRecord(
                     prompt_ids=tuple(prompt_ids.tolist()),
                     ordinal=ordinal,
                     num_tokens=feats.shape[0],
                     keep=keep.tolist(),
-                    side_pass_s=time.perf_counter() - start,
+                    side_pass_s=seconds,
                 )
             )
             pruned.append(feats.index_select(0, keep))

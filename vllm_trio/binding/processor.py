@@ -26,10 +26,11 @@ from vllm.model_executor.models.llava_next import (
     LlavaNextProcessingInfo,
 )
 from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import MultiModalDataItems
+from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 from vllm.multimodal.processing.inputs import ProcessorInputs
 
+from .. import metrics
 from ..config import TrioConfig
 from ..core.budget import num_kept_tokens, validate_keep_ratio
 from ..requests.keep_ratio import KEEP_RATIO_KWARG
@@ -40,7 +41,11 @@ from ..requests.keep_ratio import KEEP_RATIO_KWARG
 _PROMPT_KWARG = "trio_prompt"
 _DEPTH_KWARG = "trio_depth"
 _ORDINALS_KWARG = "trio_item_ordinals"
-_TRIO_KWARGS = frozenset({KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _ORDINALS_KWARG})
+#: Marks the profiling run's dummy inputs, which are not served images.
+_PROFILING_KWARG = "trio_profiling"
+_TRIO_KWARGS = frozenset(
+    {KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _ORDINALS_KWARG, _PROFILING_KWARG}
+)
 
 #: Per-image fields handed to the model with the pixels (the depth is
 #: server-wide and read from the config; it is in the kwargs for the hash).
@@ -62,7 +67,22 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
             len(out["prompt_token_ids"]) >= self.info.ctx.model_config.max_model_len
         ):
             self._forget_sent_items(inputs.cache, out["mm_hashes"])
+        elif _PROFILING_KWARG not in inputs.hf_processor_mm_kwargs:
+            self._record_metrics(inputs, out)
         return out
+
+    def _record_metrics(self, inputs: ProcessorInputs, out: Mapping[str, object]) -> None:
+        """Visual tokens before/after and the ratio, per image (``/metrics``)."""
+        images = inputs.mm_data_items.get("image")
+        placeholders = out["mm_placeholders"].get("image", [])  # type: ignore[attr-defined]
+        if not isinstance(images, ImageProcessorItems) or len(placeholders) != len(images):
+            return  # no images, or precomputed embeddings (never pruned)
+        ratio = float(inputs.hf_processor_mm_kwargs[KEEP_RATIO_KWARG])
+        model_name = self.info.ctx.model_config.served_model_name
+        for i, placeholder in enumerate(placeholders):
+            size = images.get_image_size(i)
+            n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
+            metrics.record_image(model_name, n, int(placeholder.length), ratio)
 
     @staticmethod
     def _forget_sent_items(cache, mm_hashes: Mapping[str, Sequence[str]]) -> None:
@@ -82,7 +102,9 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
     def get_dummy_inputs(self, seq_len, mm_counts, mm_options) -> ProcessorInputs:  # type: ignore[override]
         # Profiling must see the largest possible item: no pruning.
         inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return replace(inputs, hf_processor_mm_kwargs={KEEP_RATIO_KWARG: 1.0})
+        return replace(
+            inputs, hf_processor_mm_kwargs={KEEP_RATIO_KWARG: 1.0, _PROFILING_KWARG: True}
+        )
 
     def _with_request_context(self, inputs: ProcessorInputs) -> ProcessorInputs:
         """Resolve the ratio and depth, and bind the prompt into the kwargs."""

@@ -16,6 +16,7 @@ logger = logging.getLogger("vllm_trio")
 def _install() -> None:
     from vllm.engine.arg_utils import EngineArgs
 
+    from .. import metrics
     from ..requests.cli import add_cli_args, trio_config_from_args
     from ..versions import unsupported_reason
 
@@ -43,6 +44,7 @@ def _install() -> None:
         # rebuilds its engine args from these `args` before it has loaded
         # plugins, i.e. through the unwrapped `from_cli_args`.
         args.hf_overrides = engine_args.hf_overrides
+        metrics.enable_cross_process()  # before any engine process is started
         logger.info(
             "vllm-trio: TRIO pruning on (default keep_ratio=%s, depth=%s)",
             trio.keep_ratio,
