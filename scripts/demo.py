@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
+import requests
 from openai import OpenAI
 from PIL import Image, ImageDraw
 
@@ -95,6 +97,10 @@ def main() -> None:
                      "prompt_tokens": tokens, "answer": answer}
                 )  # fmt: skip
                 print(f"  keep_ratio={r:<6} prompt_tokens={tokens:<5} answer={answer!r}")
+        print("$ curl /metrics | grep -E 'vllm:trio_.*_(sum|count)'")
+        for line in requests.get(f"{base}/metrics", timeout=30).text.splitlines():
+            if line.startswith("vllm:trio_") and re.match(r"\S+_(sum|count)\{", line):
+                print(" ", line)
     (args.out / "demo.json").write_text(json.dumps(rows, indent=2))
 
 

@@ -108,16 +108,9 @@ def test_selection_equals_pure_pytorch_and_reference(backbone_ckpt, backbone_llm
 def test_served_with_a_per_request_ratio(backbone_ckpt, backbone_llm, tmp_path) -> None:
     _, ckpt = backbone_ckpt
     image, question = make_image(42), "what is at the top?"
-    [engine_out] = backbone_llm.generate(
-        [
-            {
-                "prompt": chat_prompt(question),
-                "multi_modal_data": {"image": image},
-                "mm_processor_kwargs": {"trio_keep_ratio": 0.111},
-            }
-        ],
-        GREEDY,
-        use_tqdm=False,
+    messages = image_chat_messages(question, [image])
+    [engine_out] = backbone_llm.chat(
+        messages, GREEDY, mm_processor_kwargs={"trio_keep_ratio": 0.111}, use_tqdm=False
     )
     args = ["--plugin", "trio", "--trio-depth", str(TEST_DEPTH)]
     with vllm_server(ckpt, args, tmp_path / "server.log") as url:
@@ -127,7 +120,7 @@ def test_served_with_a_per_request_ratio(backbone_ckpt, backbone_llm, tmp_path) 
         def chat(ratio: object):
             return client.chat.completions.create(
                 model=model,
-                messages=image_chat_messages(question, [image]),
+                messages=messages,
                 max_tokens=GREEDY.max_tokens,
                 temperature=0,
                 extra_body={"vllm_xargs": {"keep_ratio": ratio}},

@@ -8,6 +8,7 @@ import importlib.metadata
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -40,7 +41,10 @@ def serve_parser():
 def run_python(code: str) -> str:
     """Run ``code`` in a fresh interpreter; its last stdout line."""
     out = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,  # so that a probe can import this module's helpers
     )
     assert out.returncode == 0, out.stderr[-3000:]
     return out.stdout.strip().splitlines()[-1]
@@ -108,9 +112,8 @@ def test_unsupported_vllm_leaves_stock_untouched_and_refuses_trio(tiny_ckpt) -> 
         errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
         assert len(errors) == 1 and "supports vLLM" in errors[0], errors
         from vllm.engine.arg_utils import AsyncEngineArgs, EngineArgs
-        from vllm.entrypoints.launchers.cli_args import make_arg_parser
-        from vllm.utils.argparse_utils import FlexibleArgumentParser
-        parser = make_arg_parser(FlexibleArgumentParser())
+        from test_plugin import serve_parser
+        parser = serve_parser()
         model = ["--model", {str(tiny_ckpt)!r}]
         stock = AsyncEngineArgs.from_cli_args(parser.parse_args(model))
         assert not stock.hf_overrides
