@@ -251,13 +251,35 @@ def test_kwargs_trust_check_is_unchanged_outside_trio_requests() -> None:
         )
 
 
-def test_patch_inventory_is_documented_and_applied() -> None:
+def test_patch_inventory_is_documented_and_applied_on_import() -> None:
     from vllm_trio import patches
     from vllm_trio.plugin import register
 
     register()
     inventory = patches.inventory()
-    assert len({p.name for p in inventory}) == len(inventory) >= 4
+    assert len({p.name for p in inventory}) == len(inventory) >= 5
     for patch in inventory:
         assert patch.targets and patch.why and patch.remove_when
+        assert all(t.startswith(patch.module) for t in patch.targets[:1])
+        importlib.import_module(patch.module)
         assert patch.name in patches._applied
+
+
+def test_patches_wait_for_their_modules() -> None:
+    """register() imports none of the modules it patches; importing one later
+    installs its patch (an engine worker never imports the serving layer)."""
+    probe = """
+        import sys
+        import vllm, vllm.engine.arg_utils  # what every vLLM process has imported
+        from vllm_trio import patches
+        from vllm_trio.plugin import register
+        register()
+        lazy = [p for p in patches.inventory() if p.name != "engine_args"]
+        assert not any(p.module in sys.modules for p in lazy), [p.module for p in lazy]
+        assert patches._applied == {"engine_args"}, patches._applied
+        from vllm.renderers.online_renderer import OnlineRenderer
+        assert "online_renderer" in patches._applied
+        assert hasattr(OnlineRenderer.preprocess_chat, "__wrapped__")
+        print("ok")
+    """
+    assert run_python(probe) == "ok"

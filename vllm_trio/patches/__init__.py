@@ -24,9 +24,11 @@ logger = logging.getLogger("vllm_trio")
 
 @dataclass(frozen=True)
 class Patch:
-    """One wrapper around a vLLM object."""
+    """One wrapper around a vLLM object, installed when ``module`` is imported."""
 
     name: str
+    #: The vLLM module holding every target; importing it installs the patch.
+    module: str
     #: Dotted paths of the vLLM attributes replaced.
     targets: tuple[str, ...]
     why: str
@@ -35,6 +37,7 @@ class Patch:
 
 
 _applied: set[str] = set()
+_scheduled: set[str] = set()
 
 
 def inventory() -> tuple[Patch, ...]:
@@ -49,30 +52,40 @@ def inventory() -> tuple[Patch, ...]:
     return (
         engine_args.PATCH,
         online_renderer.PATCH,
-        serving_entry_points.PATCH,
+        *serving_entry_points.PATCHES,
         async_llm_shutdown.PATCH,
         metrics_registry.PATCH,
     )
 
 
 def apply() -> None:
-    """Install the patches once per process (idempotent)."""
+    """Schedule every patch for when its module is imported (idempotent).
+
+    Nothing is imported here: a process that never imports, say, the OpenAI
+    serving layer (an engine worker) never pays for it or for its patch.
+    """
     from ..versions import installed_vllm, unsupported_reason
+    from ._on_import import when_imported
 
     reason = unsupported_reason()
     for patch in inventory():
-        if patch.name in _applied:
+        if patch.name in _scheduled or (reason is not None and patch.name != "engine_args"):
             continue
-        if reason is not None and patch.name != "engine_args":
-            continue
-        patch.install()
-        _applied.add(patch.name)
-        logger.debug("vllm-trio: patched %s (%s)", ", ".join(patch.targets), patch.why)
-    if reason is not None and "unsupported-logged" not in _applied:
-        _applied.add("unsupported-logged")
+        _scheduled.add(patch.name)
+        when_imported(patch.module, lambda _module, patch=patch: _install(patch))
+    if reason is not None and "unsupported-logged" not in _scheduled:
+        _scheduled.add("unsupported-logged")
         logger.error("%s", reason)
     else:
-        logger.debug("vllm-trio: %d patches on vLLM %s", len(_applied), installed_vllm())
+        logger.debug(
+            "vllm-trio: %d patches scheduled on vLLM %s", len(_scheduled), installed_vllm()
+        )
+
+
+def _install(patch: Patch) -> None:
+    patch.install()
+    _applied.add(patch.name)
+    logger.debug("vllm-trio: patched %s (%s)", ", ".join(patch.targets), patch.why)
 
 
 def is_trio_model(model_config: object) -> bool:

@@ -65,6 +65,7 @@ def _install() -> None:
 
 PATCH = Patch(
     name="async_llm_shutdown",
+    module="vllm.v1.engine.async_llm",
     targets=("vllm.v1.engine.async_llm.AsyncLLM.shutdown",),
     why="vLLM 0.32/0.33 can cancel the output handler before it tells open streams the "
     "engine died; they then wait forever and the server never exits on SIGTERM",

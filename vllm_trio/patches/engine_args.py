@@ -58,6 +58,7 @@ def _install() -> None:
 
 PATCH = Patch(
     name="engine_args",
+    module="vllm.engine.arg_utils",
     targets=("vllm.engine.arg_utils.EngineArgs.add_cli_args", "EngineArgs.from_cli_args"),
     why="vLLM has no hook for a plugin's own `vllm serve` arguments; `--plugin trio` "
     "and `--trio-*` become TRIO's hf_overrides here",

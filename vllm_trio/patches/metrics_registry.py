@@ -27,6 +27,7 @@ def _install() -> None:
 
 PATCH = Patch(
     name="metrics_registry",
+    module="vllm.entrypoints.serve.instrumentator.metrics",
     targets=("vllm.entrypoints.serve.instrumentator.metrics.get_prometheus_registry",),
     why="vLLM builds the registry /metrics serves (a fresh multiprocess one with several "
     "API servers) with no hook for a plugin's collector",

@@ -58,6 +58,7 @@ def _install() -> None:
 
 PATCH = Patch(
     name="online_renderer",
+    module="vllm.renderers.online_renderer",
     targets=(
         "vllm.renderers.online_renderer.OnlineRenderer.preprocess_chat",
         "OnlineRenderer.preprocess_cmpl",
