@@ -10,9 +10,12 @@ load drift on a shared machine hits both arms alike:
   ``--plugin trio``) from process start to ``/health`` = 200.
 
 "No plugin" is ``VLLM_PLUGINS=`` (vLLM's own switch: load none), the same
-process as without the package installed.
+process as without the package installed. ``--other-checkout DIR`` adds a
+third arm: the plugin imported from another checkout of this repository (for
+example an older commit, ``git worktree add /tmp/old <commit>``), to measure a
+change.
 
-    python -m benchmarks.startup [--repeats 3]
+    python -m benchmarks.startup [--repeats 3] [--other-checkout DIR]
 """
 
 from __future__ import annotations
@@ -45,17 +48,23 @@ print(json.dumps({"seconds": seconds, "model_modules": models}))
 """
 
 
-def _env(with_plugin: bool) -> dict[str, str]:
+def _env(with_plugin: bool, checkout: Path | None) -> dict[str, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("VLLM_PLUGINS", None)
     if not with_plugin:
         env["VLLM_PLUGINS"] = ""
+    if checkout is not None:
+        env["PYTHONPATH"] = str(checkout)
     return env
 
 
-def plugin_load(with_plugin: bool) -> dict:
+def plugin_load(with_plugin: bool, checkout: Path | None = None) -> dict:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE], env=_env(with_plugin), capture_output=True, text=True
+        [sys.executable, "-c", _PROBE],
+        env=_env(with_plugin, checkout),
+        capture_output=True,
+        text=True,
+        cwd=tempfile.gettempdir(),  # not this checkout, unless asked for
     )
     out.check_returncode()
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -76,19 +85,27 @@ def serve_to_healthy(ckpt: Path, with_plugin: bool, log: Path) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--other-checkout", type=Path, default=None)
     args = ap.parse_args()
     ckpt = build_checkpoint(ARTIFACTS / "ckpt-tiny", preset="tiny")
     runs: dict[str, dict[str, list]] = {
         arm: {"load_s": [], "serve_s": []} for arm in ("with_plugin", "no_plugin")
     }
+    if args.other_checkout is not None:
+        runs["other_checkout"] = {"load_s": []}
     modules: dict[str, list[str]] = {}
     logs = Path(tempfile.mkdtemp(prefix="startup-"))
+    here = Path(__file__).resolve().parents[1]
     for i in range(args.repeats):
         for arm, with_plugin in (("with_plugin", True), ("no_plugin", False)):
-            probe = plugin_load(with_plugin)
+            probe = plugin_load(with_plugin, here)
             runs[arm]["load_s"].append(probe["seconds"])
             modules[arm] = probe["model_modules"]
             runs[arm]["serve_s"].append(serve_to_healthy(ckpt, with_plugin, logs / f"{arm}{i}.log"))
+        if args.other_checkout is not None:
+            probe = plugin_load(True, args.other_checkout.resolve())
+            runs["other_checkout"]["load_s"].append(probe["seconds"])
+            modules["other_checkout"] = probe["model_modules"]
     summary = {
         arm: {key: statistics.median(values) for key, values in r.items()}
         for arm, r in runs.items()
@@ -98,6 +115,7 @@ def main() -> None:
         "load_general_plugins(), with vllm-trio's plugin loaded vs VLLM_PLUGINS= (none)",
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
         "repeats": args.repeats,
+        "other_checkout": None if args.other_checkout is None else str(args.other_checkout),
         "runs": runs,
         "median": summary,
         "model_modules_loaded_by_plugins": modules,
