@@ -23,6 +23,9 @@ class Family:
     base_arch: str
     trio_arch: str
     model_class: str
+    #: ``model_type`` of the text config whose decoder layers the side pass
+    #: reproduces (checked by ``layout.check_text_backbone``).
+    text_model_types: frozenset[str] = frozenset({"llama"})
 
 
 #: Every family ``--plugin trio`` serves, keyed by the checkpoint's stock architecture.
@@ -34,6 +37,13 @@ FAMILIES: dict[str, Family] = {
             base_arch="LlavaNextForConditionalGeneration",
             trio_arch="TrioLlavaNextForConditionalGeneration",
             model_class="vllm_trio.binding.model:TrioLlavaNextForConditionalGeneration",
+        ),
+        Family(
+            name="Qwen2.5-VL",
+            base_arch="Qwen2_5_VLForConditionalGeneration",
+            trio_arch="TrioQwen2_5_VLForConditionalGeneration",
+            model_class="vllm_trio.binding.qwen2_5_vl:TrioQwen2_5_VLForConditionalGeneration",
+            text_model_types=frozenset({"qwen2_5_vl_text", "qwen2_5_vl"}),
         ),
     )
 }

@@ -53,10 +53,11 @@ def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
 def check_text_backbone(hf_config: Any) -> None:
     text = getattr(hf_config, "text_config", hf_config)
     model_type = getattr(text, "model_type", None)
-    if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+    supported = _family_text_model_types(hf_config)
+    if model_type not in supported:
         raise ValueError(
             f"vllm-trio: the text backbone {model_type!r} is not supported by the TRIO side "
-            f"pass (supported: {', '.join(sorted(SUPPORTED_TEXT_MODEL_TYPES))}). Serve this "
+            f"pass (supported: {', '.join(sorted(supported))}). Serve this "
             "checkpoint without --plugin trio"
         )
     window = getattr(text, "sliding_window", None)
@@ -65,6 +66,17 @@ def check_text_backbone(hf_config: Any) -> None:
             f"vllm-trio: sliding-window attention (sliding_window={window}) is not supported "
             "by the TRIO side pass, which attends over the whole prompt"
         )
+
+
+def _family_text_model_types(hf_config: Any) -> frozenset[str]:
+    """The text backbones of the checkpoint's family (LLaVA-NeXT's when unknown)."""
+    from .config import FAMILIES, trio_family
+
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    for arch in architectures:
+        if any(arch in (f.base_arch, f.trio_arch) for f in FAMILIES.values()):
+            return trio_family(arch).text_model_types
+    return SUPPORTED_TEXT_MODEL_TYPES
 
 
 def check_quantization(method: str | None) -> None:

@@ -38,13 +38,20 @@ _applied: set[str] = set()
 
 
 def inventory() -> tuple[Patch, ...]:
-    from . import async_llm_shutdown, engine_args, online_renderer, serving_entry_points
+    from . import (
+        async_llm_shutdown,
+        engine_args,
+        mm_pruning_runners,
+        online_renderer,
+        serving_entry_points,
+    )
 
     return (
         engine_args.PATCH,
         online_renderer.PATCH,
         serving_entry_points.PATCH,
         async_llm_shutdown.PATCH,
+        mm_pruning_runners.PATCH,
     )
 
 
