@@ -17,9 +17,9 @@ Presets:
   visual tokens. For tests.
 * ``qwen-bench``: Qwen2.5-VL-7B's proportions where they decide benchmark
   ratios (28 decoder layers, head size 128, ``mrope_section`` [16, 24, 24],
-  GQA 7:1 as 28:4, the 7B's MLP ratio, 14-pixel patches merged 2x2), with a
-  narrow width (512) and a shallow vision tower so a request takes seconds
-  on a CPU; a 672x672 image is 576 visual tokens.
+  grouped KV heads (4:1; the 7B has 28:4), the 7B's MLP ratio, 14-pixel
+  patches merged 2x2), with a narrow width (512) and a shallow vision tower
+  so a request takes seconds on a CPU; a 672x672 image is 576 visual tokens.
 
 CLI: ``python -m trio_dev.qwen_checkpoints --out DIR [--preset qwen-tiny|qwen-bench]``.
 """
