@@ -39,7 +39,7 @@ ENGINE = dict(
     max_model_len=2048,
     enforce_eager=True,
     kv_cache_memory_bytes=64 << 20,
-    limit_mm_per_prompt={"image": 2, "video": 0},
+    limit_mm_per_prompt={"image": 2, "video": 1},
     seed=0,
     dtype="float32",
     # Small blocks: prompts here are ~40-100 tokens; prefix caching shares full blocks only.
@@ -56,6 +56,20 @@ def prompt(question: str, num_images: int = 1) -> str:
         + question
         + "<|im_end|>\n<|im_start|>assistant\n"
     )
+
+
+def video_request(question: str, image=None, ratio: float | None = None) -> dict:
+    """A 4-frame video (after an image, if given): videos are never pruned."""
+    frames = torch.randint(0, 255, (4, 112, 112, 3), generator=torch.Generator().manual_seed(0))
+    meta = {
+        "total_num_frames": 4, "fps": 2.0, "duration": 2.0, "frames_indices": [0, 1, 2, 3],
+        "video_backend": "opencv", "width": 112, "height": 112, "do_sample_frames": False,
+    }  # fmt: skip
+    video = "<|vision_start|><|video_pad|><|vision_end|>"
+    req = request(question, [] if image is None else [image], ratio)
+    req["prompt"] = req["prompt"].replace(question, video + question)
+    req.setdefault("multi_modal_data", {})["video"] = (frames.numpy().astype("uint8"), meta)
+    return req
 
 
 def request(question: str, images: list, ratio: float | None = None) -> dict:
@@ -151,6 +165,7 @@ def test_ratio_one_equals_stock_vllm(qwen_alone, qwen_stock) -> None:
     reqs = [
         request("describe", [make_image(41, (112, 336))], 1.0),
         request("compare", [make_image(42), make_image(43, (336, 112))], 1.0),
+        video_request("what happens?"),  # TRIO leaves videos as stock
     ]
     trio = qwen_alone.generate(reqs, GREEDY, use_tqdm=False)
     stock = qwen_stock.generate(
@@ -235,6 +250,7 @@ def test_mixed_batch_equals_each_request_alone(qwen_trio, qwen_alone) -> None:
         request("which image is brighter?", [wide, square], 0.222),
         request("count the squares", [square]),  # server default ratio
         request("describe", [wide], 1.0),
+        video_request("what moves?", tall, 0.25),  # a pruned image, then a stock video
     ]
     batch = qwen_trio.generate(reqs, GREEDY, use_tqdm=False)
     for req, got in zip(reqs, batch, strict=True):
@@ -247,7 +263,7 @@ def test_mixed_batch_equals_each_request_alone(qwen_trio, qwen_alone) -> None:
 def qwen_client(qwen_ckpt, tmp_path_factory) -> Iterator[OpenAI]:
     log = tmp_path_factory.mktemp("logs") / "qwen_server.log"
     args = ["--plugin", "trio", "--trio-keep-ratio", "0.25", "--trio-depth", str(DEPTH)]
-    with vllm_server(qwen_ckpt, args, log) as url:
+    with vllm_server(qwen_ckpt, args, log, timeout_s=480) as url:
         yield OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
 
 

@@ -180,3 +180,11 @@ def test_runner_patch_is_installed_and_inert_for_other_models() -> None:
         config.get_inputs_embeds_size = lambda: 128
         pruner = mrv2.maybe_create_mm_pruner(config, wants, object(), object())
         assert (pruner is not None) is expected
+
+
+def test_video_pruning_rate_is_refused_with_trio() -> None:
+    from vllm_trio.layout import check_video_pruning
+
+    check_video_pruning(SimpleNamespace(video_pruning_rate=None))
+    with pytest.raises(ValueError, match=r"--video-pruning-rate 0\.5 cannot be combined"):
+        check_video_pruning(SimpleNamespace(video_pruning_rate=0.5))

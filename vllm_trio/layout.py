@@ -27,6 +27,7 @@ def check_layout(vllm_config: Any) -> None:
     check_pipeline_parallel(vllm_config.parallel_config.pipeline_parallel_size)
     check_text_backbone(model_config.hf_config)
     check_quantization(getattr(model_config, "quantization", None))
+    check_video_pruning(getattr(model_config, "multimodal_config", None))
     if getattr(vllm_config, "lora_config", None) is not None:
         raise ValueError(
             "vllm-trio: --enable-lora is not supported with --plugin trio: the side pass "
@@ -77,6 +78,18 @@ def _family_text_model_types(hf_config: Any) -> frozenset[str]:
         if any(arch in (f.base_arch, f.trio_arch) for f in FAMILIES.values()):
             return trio_family(arch).text_model_types
     return SUPPORTED_TEXT_MODEL_TYPES
+
+
+def check_video_pruning(multimodal_config: Any) -> None:
+    """Refuse vLLM's EVS video pruning next to TRIO: both would append M-RoPE
+    columns to media rows, in different layouts (TRIO's Qwen2.5-VL leaves
+    videos unpruned, with stock positions)."""
+    rate = getattr(multimodal_config, "video_pruning_rate", None)
+    if rate:
+        raise ValueError(
+            f"vllm-trio: --video-pruning-rate {rate} cannot be combined with --plugin trio; "
+            "TRIO prunes images and serves videos unpruned. Drop one of the two"
+        )
 
 
 def check_quantization(method: str | None) -> None:

@@ -123,11 +123,6 @@ class TrioQwen2_5_VLForConditionalGeneration(TrioModelMixin, Qwen2_5_VLForCondit
 
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "") -> None:
         super().__init__(vllm_config=vllm_config, prefix=prefix)
-        if self.video_pruning_rate:
-            raise ValueError(
-                "vllm-trio: --video-pruning-rate (EVS) cannot be combined with --plugin trio "
-                "for Qwen2.5-VL; TRIO prunes images and leaves videos unpruned"
-            )
         # The runner recomputes M-RoPE positions only for pruning models
         # (``vllm_trio.patches.mm_pruning_runners`` switches it on for TRIO).
         self.is_multimodal_pruning_enabled = True

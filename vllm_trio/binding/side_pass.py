@@ -65,8 +65,10 @@ class _LayerRefs:
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            qkv_bias=None if self.qkv_bias is None else self.qkv_bias.data,
-            o_bias=None if self.o_bias is None else self.o_bias.data,
+            # vLLM's CPU build keeps linear biases in float32 next to bfloat16
+            # weights (Qwen2's q/k/v bias); the plain layer wants one dtype.
+            qkv_bias=None if self.qkv_bias is None else self.qkv_bias.data.to(self.qkv.dtype),
+            o_bias=None if self.o_bias is None else self.o_bias.data.to(self.o_proj.dtype),
         )
 
     def rotary(self) -> Rotary:
