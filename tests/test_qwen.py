@@ -285,3 +285,55 @@ def test_server_per_request_ratio_and_400(qwen_client: OpenAI) -> None:
         chat(1.5)
     assert "vllm_xargs.keep_ratio" in str(err.value)
     assert chat(0.111).choices[0].message.content == chat(0.111).choices[0].message.content
+
+
+@pytest.fixture(scope="module")
+def qwen_tp2(qwen_ckpt):
+    """Two tensor-parallel CPU workers, engine core in its own process (as ``test_scaleout``)."""
+    from test_scaleout import environment
+    from vllm import LLM
+
+    import vllm_trio
+    from trio_dev.local_server import cpu_worker_env
+
+    env = {
+        **cpu_worker_env(2),
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+        "VLLM_ALLOW_INSECURE_SERIALIZATION": "1",
+    }
+    with environment(env):
+        llm = LLM(
+            model=str(qwen_ckpt),
+            tensor_parallel_size=2,
+            distributed_executor_backend="mp",
+            enable_prefix_caching=False,
+            mm_processor_cache_gb=0,
+            max_num_batched_tokens=2048,
+            **ENGINE,
+            **vllm_trio.engine_kwargs(keep_ratio=0.25, depth=DEPTH),
+        )
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+
+def test_tp2_selects_and_answers_as_tp1(qwen_tp2, qwen_alone) -> None:
+    from vllm_trio.binding.trio_model import selection_log
+
+    reqs = [
+        request("tp: what is left?", [make_image(60, (336, 112))], 0.25),
+        request("tp: compare", [make_image(61), make_image(62, (112, 336))], 0.2),
+    ]
+    two = qwen_tp2.generate(reqs, GREEDY, use_tqdm=False)
+    one = qwen_alone.generate(reqs, GREEDY, use_tqdm=False)
+    for a, b in zip(one, two, strict=True):
+        assert a.prompt_token_ids == b.prompt_token_ids
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    logs = qwen_tp2.apply_model(selection_log)
+    assert len(logs) == 2  # the side pass ran on both ranks
+    for req in reqs:
+        for ordinal in range(req["prompt"].count(IMAGE)):
+            want = selection(qwen_alone, req["prompt"], ordinal)
+            ids = qwen_alone.get_tokenizer().encode(req["prompt"])
+            for log in logs:
+                got = [r.keep for r in log if list(r.prompt_ids) == ids and r.ordinal == ordinal]
+                assert got == [want]
