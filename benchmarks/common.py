@@ -35,12 +35,23 @@ def scene(width: int, height: int) -> Image.Image:
     return img
 
 
-def offline_request(image: Image.Image, ratio: float | None) -> dict[str, Any]:
+#: One-image prompt of each family's chat format (``preset`` names starting
+#: with ``qwen`` are Qwen2.5-VL checkpoints, ``trio_dev.qwen_checkpoints``).
+PROMPTS = {
+    "llava": f"USER: <image>\n{QUESTION} ASSISTANT:",
+    "qwen": "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+    f"<|vision_start|><|image_pad|><|vision_end|>{QUESTION}<|im_end|>\n"
+    "<|im_start|>assistant\n",
+}
+
+
+def family(preset: str) -> str:
+    return "qwen" if preset.startswith("qwen") else "llava"
+
+
+def offline_request(image: Image.Image, ratio: float | None, fam: str = "llava") -> dict[str, Any]:
     """An ``LLM.generate`` prompt with one image and an optional per-prompt ratio."""
-    req: dict[str, Any] = {
-        "prompt": f"USER: <image>\n{QUESTION} ASSISTANT:",
-        "multi_modal_data": {"image": image},
-    }
+    req: dict[str, Any] = {"prompt": PROMPTS[fam], "multi_modal_data": {"image": image}}
     if ratio is not None:
         req["mm_processor_kwargs"] = {"trio_keep_ratio": ratio}
     return req
@@ -52,6 +63,10 @@ def chat_messages(image: Image.Image) -> list[dict[str, Any]]:
 
 
 def bench_checkpoint(preset: str = "bench") -> Path:
+    if family(preset) == "qwen":
+        from trio_dev.qwen_checkpoints import build_qwen_checkpoint
+
+        return build_qwen_checkpoint(ARTIFACTS / f"ckpt-{preset}", preset)
     from trio_dev.checkpoints import build_checkpoint
 
     return build_checkpoint(ARTIFACTS / f"ckpt-{preset}", preset=preset)

@@ -16,6 +16,9 @@ one image request per image size (anyres grids) and keep ratio it reports:
 
     python benchmarks/prefill.py [--preset bench] [--depth 2] [--repeats 3] [--tp 1]
 
+``--preset qwen-bench`` runs the same on a Qwen2.5-VL-7B-shaped checkpoint
+(results in ``prefill_qwen-bench.json``).
+
 With ``--tp N`` both engines run N tensor-parallel workers (every rank runs
 the side pass on its shards) and the results go to ``prefill_tpN.json``.
 """
@@ -30,6 +33,7 @@ from common import (
     IMAGE_SIZES,
     RATIOS,
     bench_checkpoint,
+    family,
     median_time,
     offline_engines,
     offline_request,
@@ -75,7 +79,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--preset", default="bench", choices=["tiny", "bench"])
+    ap.add_argument(
+        "--preset", default="bench", choices=["tiny", "bench", "qwen-tiny", "qwen-bench"]
+    )
     ap.add_argument("--depth", type=int, default=vllm_trio.config.DEFAULT_DEPTH)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--output-len", type=int, default=32)
@@ -91,6 +97,9 @@ def main() -> None:
             os.environ.setdefault(name, value)
         parallel = dict(tensor_parallel_size=args.tp, distributed_executor_backend="mp")
     ckpt = bench_checkpoint(args.preset)
+    fam = family(args.preset)
+    if fam == "qwen":
+        parallel["limit_mm_per_prompt"] = {"image": 1, "video": 0}
     stock, trio = offline_engines(ckpt, args.depth, args.block_size, **parallel)
     first = SamplingParams(max_tokens=1, temperature=0)
     e2e = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
@@ -98,7 +107,7 @@ def main() -> None:
     rows = []
     for width, height in sizes:
         image = scene(width, height)
-        base_req = offline_request(image, None)
+        base_req = offline_request(image, None, fam)
         base_kv = measure_prompt_kv(stock, base_req, "stock-kv")
         base = dict(
             engine="stock",
@@ -111,7 +120,7 @@ def main() -> None:
         )
         rows.append(base)
         for r in RATIOS:
-            req = offline_request(image, r)
+            req = offline_request(image, r, fam)
             kv = measure_prompt_kv(trio, req, f"trio-kv-{r}")
             row = dict(
                 engine="trio", image=base["image"], ratio=r, prompt=kv.prompt_tokens,
@@ -136,12 +145,14 @@ def main() -> None:
         output_len=args.output_len,
         block_size=args.block_size,
         tensor_parallel_size=args.tp,
-        num_layers=model_config.hf_config.text_config.num_hidden_layers,
+        num_layers=model_config.hf_config.get_text_config().num_hidden_layers,
         dtype=str(model_config.dtype),
     )
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
     print(table(rows, COLUMNS))
     name = "prefill" if args.tp == 1 else f"prefill_tp{args.tp}"
+    if fam == "qwen":
+        name += f"_{args.preset}"
     print(f"saved {save(name, {'meta': meta, 'rows': rows})}")
 
 

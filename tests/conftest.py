@@ -98,3 +98,10 @@ def stock_llm(tiny_ckpt: Path):
     from vllm import LLM
 
     return LLM(model=str(tiny_ckpt), enable_prefix_caching=False, **ENGINE_KWARGS)
+
+
+@pytest.fixture(scope="session")
+def qwen_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trio_dev.qwen_checkpoints import build_qwen_checkpoint
+
+    return build_qwen_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny", "qwen-tiny", seed=0)

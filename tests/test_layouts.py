@@ -15,7 +15,8 @@ import pytest
 
 import vllm_trio
 from trio_dev.checkpoints import build_checkpoint
-from vllm_trio.layout import SUPPORTED_TEXT_MODEL_TYPES, check_text_backbone
+from vllm_trio.config import FAMILIES
+from vllm_trio.layout import check_text_backbone
 
 
 def engine_config(model: Path, trio: bool, **kwargs: Any):
@@ -67,7 +68,8 @@ def test_text_backbone_allowlist() -> None:
         check_text_backbone(Config())
     Text.sliding_window = None
     check_text_backbone(Config())
-    assert {"llama", "mistral", "qwen2"} <= SUPPORTED_TEXT_MODEL_TYPES
+    llava = FAMILIES["LlavaNextForConditionalGeneration"]
+    assert {"llama", "mistral", "qwen2"} <= llava.text_model_types
 
 
 def test_other_architecture_refused_before_any_engine(tmp_path: Path) -> None:

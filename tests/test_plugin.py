@@ -199,10 +199,17 @@ def test_hf_overrides_chain_callables_and_nested_dicts() -> None:
 
 
 def test_other_architectures_are_refused_naming_the_served_ones() -> None:
-    with pytest.raises(ValueError, match=r"serves LLaVA-NeXT .*Qwen2_5_VL"):
+    with pytest.raises(ValueError, match=r"serves LLaVA-NeXT .*Qwen2\.5-VL .*Qwen3VL"):
         TrioConfig().hf_overrides()(
-            SimpleNamespace(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="q")
+            SimpleNamespace(architectures=["Qwen3VLForConditionalGeneration"], model_type="q")
         )
+
+
+def test_qwen2_5_vl_maps_to_its_trio_architecture() -> None:
+    config = TrioConfig().hf_overrides()(
+        SimpleNamespace(architectures=["Qwen2_5_VLForConditionalGeneration"], model_type="q")
+    )
+    assert config.architectures == ["TrioQwen2_5_VLForConditionalGeneration"]
 
 
 def test_overrides_pickle() -> None:

@@ -23,6 +23,9 @@ class Family:
     base_arch: str
     trio_arch: str
     model_class: str
+    #: ``model_type`` of the text config whose decoder layers the side pass
+    #: reproduces (checked by ``layout.check_text_backbone``).
+    text_model_types: frozenset[str] = frozenset({"llama"})
 
 
 #: Every family ``--plugin trio`` serves, keyed by the checkpoint's stock architecture.
@@ -34,6 +37,16 @@ FAMILIES: dict[str, Family] = {
             base_arch="LlavaNextForConditionalGeneration",
             trio_arch="TrioLlavaNextForConditionalGeneration",
             model_class="vllm_trio.binding.model:TrioLlavaNextForConditionalGeneration",
+            # Vicuna/Llama-2/Llama-3/Yi ("llama"), Mistral, Qwen2 (q/k/v bias):
+            # each covered by tests/test_backbones.py.
+            text_model_types=frozenset({"llama", "mistral", "qwen2"}),
+        ),
+        Family(
+            name="Qwen2.5-VL",
+            base_arch="Qwen2_5_VLForConditionalGeneration",
+            trio_arch="TrioQwen2_5_VLForConditionalGeneration",
+            model_class="vllm_trio.binding.qwen2_5_vl:TrioQwen2_5_VLForConditionalGeneration",
+            text_model_types=frozenset({"qwen2_5_vl_text", "qwen2_5_vl"}),
         ),
     )
 }

@@ -10,11 +10,6 @@ from __future__ import annotations
 
 from typing import Any
 
-#: Text backbones whose decoder layers the side pass reproduces exactly
-#: (dense Llama-style layers: RMSNorm, fused qkv with optional bias, SiLU MLP,
-#: rotary from vLLM's ``cos_sin_cache``), each covered by tests/test_backbones.py.
-SUPPORTED_TEXT_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2"})
-
 
 def check_layout(vllm_config: Any) -> None:
     """Raise ``ValueError`` with the reason if TRIO cannot serve this configuration."""
@@ -27,6 +22,7 @@ def check_layout(vllm_config: Any) -> None:
     check_pipeline_parallel(vllm_config.parallel_config.pipeline_parallel_size)
     check_text_backbone(model_config.hf_config)
     check_quantization(getattr(model_config, "quantization", None))
+    check_video_pruning(getattr(model_config, "multimodal_config", None))
     if getattr(vllm_config, "lora_config", None) is not None:
         raise ValueError(
             "vllm-trio: --enable-lora is not supported with --plugin trio: the side pass "
@@ -53,10 +49,11 @@ def check_pipeline_parallel(pipeline_parallel_size: int) -> None:
 def check_text_backbone(hf_config: Any) -> None:
     text = getattr(hf_config, "text_config", hf_config)
     model_type = getattr(text, "model_type", None)
-    if model_type not in SUPPORTED_TEXT_MODEL_TYPES:
+    supported = _family_text_model_types(hf_config)
+    if model_type not in supported:
         raise ValueError(
             f"vllm-trio: the text backbone {model_type!r} is not supported by the TRIO side "
-            f"pass (supported: {', '.join(sorted(SUPPORTED_TEXT_MODEL_TYPES))}). Serve this "
+            f"pass (supported: {', '.join(sorted(supported))}). Serve this "
             "checkpoint without --plugin trio"
         )
     window = getattr(text, "sliding_window", None)
@@ -64,6 +61,29 @@ def check_text_backbone(hf_config: Any) -> None:
         raise ValueError(
             f"vllm-trio: sliding-window attention (sliding_window={window}) is not supported "
             "by the TRIO side pass, which attends over the whole prompt"
+        )
+
+
+def _family_text_model_types(hf_config: Any) -> frozenset[str]:
+    """The text backbones of the checkpoint's family (LLaVA-NeXT's when unknown)."""
+    from .config import BASE_ARCH, FAMILIES, trio_family
+
+    architectures = list(getattr(hf_config, "architectures", None) or [])
+    for arch in architectures:
+        if any(arch in (f.base_arch, f.trio_arch) for f in FAMILIES.values()):
+            return trio_family(arch).text_model_types
+    return FAMILIES[BASE_ARCH].text_model_types
+
+
+def check_video_pruning(multimodal_config: Any) -> None:
+    """Refuse vLLM's EVS video pruning next to TRIO: both would append M-RoPE
+    columns to media rows, in different layouts (TRIO's Qwen2.5-VL leaves
+    videos unpruned, with stock positions)."""
+    rate = getattr(multimodal_config, "video_pruning_rate", None)
+    if rate:
+        raise ValueError(
+            f"vllm-trio: --video-pruning-rate {rate} cannot be combined with --plugin trio; "
+            "TRIO prunes images and serves videos unpruned. Drop one of the two"
         )
 
 

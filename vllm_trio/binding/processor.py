@@ -1,209 +1,49 @@
-"""Multimodal processor: gives each image k = f(N, r) placeholder tokens.
+"""LLaVA-NeXT's multimodal processor with TRIO: each image gets k = f(N, r) placeholders.
 
-The prompt itself gets shorter, so vLLM's scheduler allocates KV blocks for
-the pruned prompt in every layer (the shape of vLLM's EVS video pruning).
-Each image item also carries what the model's side pass needs: the prompt's
-token ids, which ``<image>`` it is, k and the depth.
-
-Cache safety: vLLM keys its processor cache, encoder cache and prefix-cache
-block hashes on the item hash, which covers the image and the processor
-kwargs but not the text. We put the prompt ids, ratio and depth into the
-kwargs (and salt by the item's ordinal), so one image under two questions or
-two ratios never shares a selection. At r = 1 nothing depends on the text and
-the prompt is left out of the hash, keeping cache reuse as stock.
+The family-independent hooks (TRIO kwargs, salted hashes, no pruning while
+profiling, the scoring-context 400, the cache-drift fix) are
+``trio_processor.TrioProcessorMixin``; this module adds what is LLaVA-NeXT's:
+the ``<image>`` token, N from each image's size (anyres tiles, newlines), and
+the prompt update that writes k ``<image>`` tokens.
 """
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
-from dataclasses import replace
 
-import torch
 from transformers import BatchFeature
 from vllm.model_executor.models.llava_next import (
     LlavaNextMultiModalProcessor,
     LlavaNextProcessingInfo,
 )
-from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
-from vllm.multimodal.parse import ImageProcessorItems, MultiModalDataItems
+from vllm.multimodal.inputs import MultiModalKwargsItems
+from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
-from vllm.multimodal.processing.inputs import ProcessorInputs
 
-from .. import metrics
-from ..config import TrioConfig
-from ..core.budget import num_kept_tokens, validate_keep_ratio
-from ..requests.keep_ratio import KEEP_RATIO_KWARG
+from .trio_processor import TRIO_FIELDS, TrioProcessingInfoMixin, TrioProcessorMixin
 
-#: Request-level processor kwargs understood by TRIO. ``trio_keep_ratio`` is
-#: public (offline: ``mm_processor_kwargs={"trio_keep_ratio": r}``); the
-#: others are filled in by the processor itself.
-_PROMPT_KWARG = "trio_prompt"
-_DEPTH_KWARG = "trio_depth"
-_ORDINALS_KWARG = "trio_item_ordinals"
-#: Marks the profiling run's dummy inputs, which are not served images.
-_PROFILING_KWARG = "trio_profiling"
-_TRIO_KWARGS = frozenset(
-    {KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _ORDINALS_KWARG, _PROFILING_KWARG}
-)
-
-#: Per-image fields handed to the model with the pixels (the depth is
-#: server-wide and read from the config; it is in the kwargs for the hash).
-TRIO_FIELDS = ("trio_prompt_ids", "trio_ordinal", "trio_num_keep")
+__all__ = ["TRIO_FIELDS", "TrioLlavaNextMultiModalProcessor", "TrioLlavaNextProcessingInfo"]
 
 
-class TrioLlavaNextProcessingInfo(LlavaNextProcessingInfo):
-    def get_trio_config(self) -> TrioConfig:
-        return TrioConfig.from_hf_config(self.get_hf_config())
+class TrioLlavaNextProcessingInfo(TrioProcessingInfoMixin, LlavaNextProcessingInfo):
+    pass
 
 
-class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNextProcessingInfo]):
+class TrioLlavaNextMultiModalProcessor(
+    TrioProcessorMixin, LlavaNextMultiModalProcessor[TrioLlavaNextProcessingInfo]
+):
     """LLaVA-NeXT processor that sizes each image's placeholders to k."""
 
-    def apply(self, inputs: ProcessorInputs, timing_ctx):  # type: ignore[override]
-        inputs = self._with_request_context(inputs)
-        out = super().apply(inputs, timing_ctx)
-        if inputs.cache is not None and (
-            len(out["prompt_token_ids"]) >= self.info.ctx.model_config.max_model_len
-        ):
-            self._forget_sent_items(inputs.cache, out["mm_hashes"])
-        elif _PROFILING_KWARG not in inputs.hf_processor_mm_kwargs:
-            self._record_metrics(inputs, out)
-        return out
+    def _trio_image_token_id(self) -> int:
+        return self.info.get_hf_config().image_token_index
 
-    def _record_metrics(self, inputs: ProcessorInputs, out: Mapping[str, object]) -> None:
-        """Visual tokens before/after and the ratio, per image (``/metrics``)."""
-        images = inputs.mm_data_items.get("image")
-        placeholders = out["mm_placeholders"].get("image", [])  # type: ignore[attr-defined]
-        if not isinstance(images, ImageProcessorItems) or len(placeholders) != len(images):
-            return  # no images, or precomputed embeddings (never pruned)
-        ratio = float(inputs.hf_processor_mm_kwargs[KEEP_RATIO_KWARG])
-        model_name = self.info.ctx.model_config.served_model_name
-        for i, placeholder in enumerate(placeholders):
-            size = images.get_image_size(i)
-            n = self.info.get_num_image_tokens(image_width=size.width, image_height=size.height)
-            metrics.record_image(model_name, n, int(placeholder.length), ratio)
-
-    @staticmethod
-    def _forget_sent_items(cache, mm_hashes: Mapping[str, Sequence[str]]) -> None:
-        """Drop this request's items from the API server's sender cache.
-
-        Why: vLLM refuses a prompt that leaves no room for output only after
-        multimodal processing, when its sender cache already records the items
-        as sent to the engine; the request never reaches the engine, so the
-        next request with the same image would be sent without data and fail
-        once with a 500 (vLLM 0.32 "P0/P1 cache drift"). Forgetting them makes
-        that next request carry the data again; at worst it costs a resend.
-        """
-        for hashes in mm_hashes.values():
-            for item_hash in hashes:
-                cache.invalidate(item_hash)
-
-    def get_dummy_inputs(self, seq_len, mm_counts, mm_options) -> ProcessorInputs:  # type: ignore[override]
-        # Profiling must see the largest possible item: no pruning.
-        inputs = super().get_dummy_inputs(seq_len, mm_counts, mm_options)
-        return replace(
-            inputs, hf_processor_mm_kwargs={KEEP_RATIO_KWARG: 1.0, _PROFILING_KWARG: True}
-        )
-
-    def _with_request_context(self, inputs: ProcessorInputs) -> ProcessorInputs:
-        """Resolve the ratio and depth, and bind the prompt into the kwargs."""
-        cfg = self.info.get_trio_config()
-        kwargs = dict(inputs.hf_processor_mm_kwargs)
-        ratio = validate_keep_ratio(kwargs.get(KEEP_RATIO_KWARG, cfg.keep_ratio), KEEP_RATIO_KWARG)
-        kwargs[KEEP_RATIO_KWARG] = ratio
-        kwargs[_DEPTH_KWARG] = cfg.depth
-        kwargs.pop(_ORDINALS_KWARG, None)
-        # The prompt travels in the kwargs (not in processor state: requests
-        # are processed on a thread pool), which also puts it in the hash.
-        if ratio < 1.0:
-            kwargs[_PROMPT_KWARG] = tuple(int(t) for t in inputs.prompt)
-        else:
-            kwargs.pop(_PROMPT_KWARG, None)
-        return replace(inputs, hf_processor_mm_kwargs=kwargs)
-
-    def _get_mm_hashes(self, inputs: ProcessorInputs):  # type: ignore[override]
-        hashes = super()._get_mm_hashes(inputs)
-        if KEEP_RATIO_KWARG not in inputs.hf_processor_mm_kwargs:
-            return hashes
-        # The same image twice in one prompt sits at two places in the text,
-        # so its selection differs: salt by ordinal.
-        return {
-            modality: [_salt(h, i) for i, h in enumerate(items)]
-            for modality, items in hashes.items()
-        }
-
-    def _get_cache_missing_processor_kwargs(self, inputs, mm_is_cached):  # type: ignore[override]
-        kwargs = dict(super()._get_cache_missing_processor_kwargs(inputs, mm_is_cached))
-        cached = mm_is_cached.get("image", [])
-        kwargs[_ORDINALS_KWARG] = tuple(i for i, hit in enumerate(cached) if not hit)
-        return kwargs
-
-    def _call_hf_processor(self, hf_data, hf_kwargs) -> BatchFeature:  # type: ignore[override]
-        trio_kwargs = {k: v for k, v in hf_kwargs.items() if k in _TRIO_KWARGS}
-        stock_kwargs = {k: v for k, v in hf_kwargs.items() if k not in _TRIO_KWARGS}
-        out = super()._call_hf_processor(hf_data, stock_kwargs)
-        if KEEP_RATIO_KWARG in trio_kwargs and "image_sizes" in out:
-            out.update(self._trio_item_fields(out["image_sizes"], trio_kwargs))
-        return out
-
-    def _trio_item_fields(
-        self, image_sizes: torch.Tensor, trio_kwargs: Mapping[str, object]
-    ) -> dict[str, object]:
-        num_items = image_sizes.shape[0]
-        ratio = float(trio_kwargs[KEEP_RATIO_KWARG])
-        ordinals = trio_kwargs.get(_ORDINALS_KWARG) or tuple(range(num_items))
-        if len(ordinals) != num_items:
-            raise RuntimeError("TRIO: item ordinals do not match the processed images")
-        prompt = torch.tensor(trio_kwargs.get(_PROMPT_KWARG, ()), dtype=torch.long)
-        num_keep = []
-        for h, w in image_sizes.tolist():
-            n = self.info.get_num_image_tokens(image_width=int(w), image_height=int(h))
-            k = num_kept_tokens(n, ratio)
-            if k < n:
-                self._check_scoring_context(prompt, n)
-            num_keep.append(k)
-        return {
-            "trio_prompt_ids": [prompt] * num_items,
-            "trio_ordinal": torch.tensor(ordinals, dtype=torch.long),
-            "trio_num_keep": torch.tensor(num_keep, dtype=torch.long),
-        }
-
-    def _check_scoring_context(self, prompt: torch.Tensor, num_tokens: int) -> None:
-        """Refuse (HTTP 400) an image whose unpruned scoring context exceeds max_model_len.
-
-        The side pass scores an image inside its prompt with all ``num_tokens``
-        visual tokens present (the model's ``_side_pass_context``: the text
-        without any ``<image>`` placeholder, plus this image's N rows). vLLM
-        only checks the *pruned* prompt, so without this check a long prompt
-        would send the side pass past the rotary table (an index error that
-        kills the engine) and past the sequence length the operator sized the
-        server for. Checked here, in the API server, so the client gets a 400
-        before any engine work.
-        """
-        max_len = self.info.ctx.model_config.max_model_len
-        image_token_id = self.info.get_hf_config().image_token_index
-        text_len = int((prompt != image_token_id).sum())
-        if text_len + num_tokens > max_len:
-            from vllm.exceptions import VLLMValidationError
-
-            raise VLLMValidationError(
-                f"vllm-trio scores each image in its unpruned prompt: {text_len} text "
-                f"tokens + {num_tokens} visual tokens = {text_len + num_tokens} tokens, "
-                f"which exceeds the model's maximum context length ({max_len}) even "
-                f"though the pruned prompt may fit. Shorten the text, send a smaller "
-                f"image, or use keep_ratio 1 (no pruning).",
-                parameter="input_tokens",
-                value=text_len + num_tokens,
-            )
-
-    def _get_mm_fields_config(
-        self, hf_inputs, hf_processor_mm_kwargs
-    ) -> Mapping[str, MultiModalFieldConfig]:
-        fields = dict(super()._get_mm_fields_config(hf_inputs, hf_processor_mm_kwargs))
-        for name in TRIO_FIELDS:
-            fields[name] = MultiModalFieldConfig.batched("image", keep_on_cpu=True)
-        return fields
+    def _trio_num_image_tokens(self, out: BatchFeature) -> list[int] | None:
+        if "image_sizes" not in out:
+            return None
+        return [
+            self.info.get_num_image_tokens(image_width=int(w), image_height=int(h))
+            for h, w in out["image_sizes"].tolist()
+        ]
 
     def _get_prompt_updates(
         self,
@@ -224,7 +64,3 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
         return [
             PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)
         ]
-
-
-def _salt(item_hash: str, ordinal: int) -> str:
-    return hashlib.sha256(f"{item_hash}:trio-item-{ordinal}".encode()).hexdigest()

@@ -65,8 +65,10 @@ class _LayerRefs:
             num_heads=self.num_heads,
             num_kv_heads=self.num_kv_heads,
             head_dim=self.head_dim,
-            qkv_bias=None if self.qkv_bias is None else self.qkv_bias.data,
-            o_bias=None if self.o_bias is None else self.o_bias.data,
+            # vLLM's CPU build keeps linear biases in float32 next to bfloat16
+            # weights (Qwen2's q/k/v bias); the plain layer wants one dtype.
+            qkv_bias=None if self.qkv_bias is None else self.qkv_bias.data.to(self.qkv.dtype),
+            o_bias=None if self.o_bias is None else self.o_bias.data.to(self.o_proj.dtype),
         )
 
     def rotary(self) -> Rotary:
@@ -97,15 +99,28 @@ class LlamaSidePass:
         self._vocab_size = vocab_size
         self._tp = tp
 
-    def hidden_at_depth(self, embeds: torch.Tensor) -> torch.Tensor:
+    def rotary_at(
+        self, refs: _LayerRefs, positions: torch.Tensor | None, seq_len: int, device
+    ) -> tuple[Rotary, torch.Tensor]:
+        """The rotary table and row positions of a ``seq_len``-row prompt.
+
+        ``positions`` (the family's, e.g. M-RoPE's 3-row ones) is None for a
+        plain prompt: row ``i`` at position ``i``. Families with other position
+        schemes override this (``qwen2_5_vl.Qwen2SidePass``).
+        """
+        if positions is None:
+            positions = torch.arange(seq_len, device=device)
+        return refs.rotary(), positions
+
+    def hidden_at_depth(
+        self, embeds: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Residual stream entering layer ``depth`` (forward only, full prompt)."""
-        positions = torch.arange(embeds.shape[0], device=embeds.device)
         hidden = embeds
         with torch.no_grad():
             for refs in self._layers[: self.depth]:
-                hidden = decoder_layer(
-                    hidden, refs.weights(), refs.rotary(), positions, tp=self._tp
-                )
+                rotary, rows = self.rotary_at(refs, positions, embeds.shape[0], embeds.device)
+                hidden = decoder_layer(hidden, refs.weights(), rotary, rows, tp=self._tp)
         return hidden
 
     def select(
@@ -114,12 +129,16 @@ class LlamaSidePass:
         visual_index: torch.Tensor,
         k: int,
         params: TrioParams,
+        positions: torch.Tensor | None = None,
     ) -> Selection:
-        """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``."""
-        hidden = self.hidden_at_depth(embeds)
+        """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``.
+
+        ``positions``: the family's positions of the rows (None: ``0..S-1``).
+        """
+        hidden = self.hidden_at_depth(embeds, positions)
         refs = self._layers[self.depth]
-        weights, rotary = refs.weights(), refs.rotary()
-        positions = torch.arange(embeds.shape[0], device=embeds.device)
+        weights = refs.weights()
+        rotary, positions = self.rotary_at(refs, positions, embeds.shape[0], embeds.device)
         norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
         head_w, tp = self._lm_head.weight.data, self._tp
 

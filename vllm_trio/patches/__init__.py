@@ -45,6 +45,7 @@ def inventory() -> tuple[Patch, ...]:
         async_llm_shutdown,
         engine_args,
         metrics_registry,
+        mm_pruning_runners,
         online_renderer,
         serving_entry_points,
     )
@@ -55,6 +56,7 @@ def inventory() -> tuple[Patch, ...]:
         *serving_entry_points.PATCHES,
         async_llm_shutdown.PATCH,
         metrics_registry.PATCH,
+        *mm_pruning_runners.PATCHES,
     )
 
 
