@@ -38,6 +38,7 @@ from vllm.multimodal import MULTIMODAL_REGISTRY
 
 from ..config import TrioConfig
 from ..core import TensorParallel, TrioParams
+from .layer_mode import TEXT_ROWS_FIELD, LayerHandover
 from .processor import (
     TRIO_FIELDS,
     TrioLlavaNextMultiModalProcessor,
@@ -69,6 +70,8 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             self.config.text_config.vocab_size,
             self._tp,
         )
+        #: Layer mode: hands the side pass's layer-L states to decoder layer L.
+        self._handover = _layer_handover(self, vllm_config)
         #: Recent selections, newest last; read by tests and debugging tools
         #: through ``LLM.apply_model``. Bounded, so it never grows.
         self.trio_selection_log: deque[SelectionRecord] = deque(maxlen=256)
@@ -90,7 +93,7 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
             prompt_ids = _item(trio["trio_prompt_ids"], i)
             ordinal = int(_item(trio["trio_ordinal"], i))
             start = time.perf_counter()
-            keep = self._select(feats, prompt_ids, ordinal, k)
+            keep, context = self._select(feats, prompt_ids, ordinal, k)
             self.trio_selection_log.append(
                 SelectionRecord(
                     prompt_ids=tuple(prompt_ids.tolist()),
@@ -100,19 +103,37 @@ class TrioLlavaNextForConditionalGeneration(LlavaNextForConditionalGeneration):
                     side_pass_s=time.perf_counter() - start,
                 )
             )
-            pruned.append(feats.index_select(0, keep))
+            if self._handover is None:
+                pruned.append(feats.index_select(0, keep))
+            else:
+                text_rows = int(_item(trio[TEXT_ROWS_FIELD], i))
+                pruned.append(self._handover.item_rows(*context, keep, text_rows))
         return pruned
+
+    def embed_input_ids(self, input_ids, multimodal_embeddings=None, *, is_multimodal=None):
+        if (
+            self._handover is not None
+            and multimodal_embeddings is not None
+            and (is_multimodal is not None)
+        ):
+            # Every step of a multimodal model passes here, also without items.
+            multimodal_embeddings = self._handover.stage(multimodal_embeddings, is_multimodal)
+        return super().embed_input_ids(
+            input_ids, multimodal_embeddings, is_multimodal=is_multimodal
+        )
 
     def _select(
         self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int, k: int
-    ) -> torch.Tensor:
-        """Kept indices of one image's ``feats`` ``[N, D]``, scored in its prompt."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Kept indices of one image's ``feats`` ``[N, D]``, scored in its prompt, and
+        the side-pass context: embeddings and states entering layer L, visual rows."""
         embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
-        keep = self._side_pass.select(embeds, visual_index, k, self.trio_params).keep
+        hidden = self._side_pass.hidden_at_depth(embeds)
+        keep = self._side_pass.select(embeds, visual_index, k, self.trio_params, hidden).keep
         if self._tp is not None:
             # Ranks agree up to summation order; rank 0 decides near-ties.
             keep = get_tp_group().broadcast(keep, src=0)
-        return keep
+        return keep, (embeds, hidden, visual_index)
 
     def _side_pass_context(
         self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int
@@ -155,6 +176,26 @@ def selection_log(model: TrioLlavaNextForConditionalGeneration) -> list[Selectio
     pickles it to each worker process (a lambda cannot travel).
     """
     return list(model.trio_selection_log)
+
+
+def _layer_handover(
+    model: TrioLlavaNextForConditionalGeneration, vllm_config: VllmConfig
+) -> LayerHandover | None:
+    """The layer-mode handover of ``model``, or None in input mode (and at depth 0,
+    where the states entering layer L are the embeddings: layer mode is input mode)."""
+    cfg = model.trio_config
+    if cfg.mode != "layer" or cfg.depth == 0:
+        return None
+    broadcast = None
+    if model._tp is not None:
+        broadcast = lambda t: get_tp_group().broadcast(t, src=0)  # noqa: E731
+    return LayerHandover(
+        model.language_model,
+        cfg.depth,
+        vllm_config.scheduler_config.max_num_batched_tokens,
+        vllm_config.model_config.dtype,
+        broadcast,
+    )
 
 
 def _vllm_tensor_parallel() -> TensorParallel | None:

@@ -33,18 +33,23 @@ from vllm.multimodal.processing.inputs import ProcessorInputs
 from ..config import TrioConfig
 from ..core.budget import num_kept_tokens, validate_keep_ratio
 from ..requests.keep_ratio import KEEP_RATIO_KWARG
+from .layer_mode import TEXT_ROWS_FIELD, handover_update, num_text_rows
 
 #: Request-level processor kwargs understood by TRIO. ``trio_keep_ratio`` is
 #: public (offline: ``mm_processor_kwargs={"trio_keep_ratio": r}``); the
 #: others are filled in by the processor itself.
 _PROMPT_KWARG = "trio_prompt"
 _DEPTH_KWARG = "trio_depth"
+_MODE_KWARG = "trio_mode"
 _ORDINALS_KWARG = "trio_item_ordinals"
-_TRIO_KWARGS = frozenset({KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _ORDINALS_KWARG})
+_TRIO_KWARGS = frozenset(
+    {KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _MODE_KWARG, _ORDINALS_KWARG}
+)
 
 #: Per-image fields handed to the model with the pixels (the depth is
-#: server-wide and read from the config; it is in the kwargs for the hash).
-TRIO_FIELDS = ("trio_prompt_ids", "trio_ordinal", "trio_num_keep")
+#: server-wide and read from the config; it is in the kwargs for the hash, as is
+#: the mode, so input- and layer-mode items never share a cache entry).
+TRIO_FIELDS = ("trio_prompt_ids", "trio_ordinal", "trio_num_keep", TEXT_ROWS_FIELD)
 
 
 class TrioLlavaNextProcessingInfo(LlavaNextProcessingInfo):
@@ -91,6 +96,7 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
         ratio = validate_keep_ratio(kwargs.get(KEEP_RATIO_KWARG, cfg.keep_ratio), KEEP_RATIO_KWARG)
         kwargs[KEEP_RATIO_KWARG] = ratio
         kwargs[_DEPTH_KWARG] = cfg.depth
+        kwargs[_MODE_KWARG] = cfg.mode
         kwargs.pop(_ORDINALS_KWARG, None)
         # The prompt travels in the kwargs (not in processor state: requests
         # are processed on a thread pool), which also puts it in the hash.
@@ -134,17 +140,23 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
         if len(ordinals) != num_items:
             raise RuntimeError("TRIO: item ordinals do not match the processed images")
         prompt = torch.tensor(trio_kwargs.get(_PROMPT_KWARG, ()), dtype=torch.long)
-        num_keep = []
+        cfg = self.info.get_trio_config()
+        image_token_id = self.info.get_hf_config().image_token_index
+        num_keep, text_rows = [], []
         for h, w in image_sizes.tolist():
             n = self.info.get_num_image_tokens(image_width=int(w), image_height=int(h))
             k = num_kept_tokens(n, ratio)
             if k < n:
                 self._check_scoring_context(prompt, n)
             num_keep.append(k)
+            text_rows.append(
+                num_text_rows(prompt.tolist(), image_token_id, n, k, cfg.mode, cfg.depth)
+            )
         return {
             "trio_prompt_ids": [prompt] * num_items,
             "trio_ordinal": torch.tensor(ordinals, dtype=torch.long),
             "trio_num_keep": torch.tensor(num_keep, dtype=torch.long),
+            TEXT_ROWS_FIELD: torch.tensor(text_rows, dtype=torch.long),
         }
 
     def _check_scoring_context(self, prompt: torch.Tensor, num_tokens: int) -> None:
@@ -193,15 +205,26 @@ class TrioLlavaNextMultiModalProcessor(LlavaNextMultiModalProcessor[TrioLlavaNex
         image_token_id = self.info.get_hf_config().image_token_index
         stock = updates[0]
 
-        def replacement(item_idx: int) -> list[int]:
+        def update(item_idx: int) -> tuple[list[int], list[int]] | None:
             item = out_mm_kwargs["image"][item_idx]
-            if "trio_num_keep" in item:
-                return [image_token_id] * int(item["trio_num_keep"].data)
-            return stock.replacement(item_idx)  # type: ignore[operator]
+            if "trio_num_keep" not in item:
+                return None
+            return handover_update(
+                image_token_id,
+                item["trio_prompt_ids"].data,
+                int(item["trio_num_keep"].data),
+                int(item[TEXT_ROWS_FIELD].data),
+            )
 
-        return [
-            PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)
-        ]
+        def target(item_idx: int) -> list[int]:
+            trio = update(item_idx)
+            return [image_token_id] if trio is None else trio[0]
+
+        def replacement(item_idx: int) -> list[int]:
+            trio = update(item_idx)
+            return stock.replacement(item_idx) if trio is None else trio[1]  # type: ignore[operator]
+
+        return [PromptReplacement(modality="image", target=target, replacement=replacement)]
 
 
 def _salt(item_hash: str, ordinal: int) -> str:

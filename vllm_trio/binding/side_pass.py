@@ -114,9 +114,15 @@ class LlamaSidePass:
         visual_index: torch.Tensor,
         k: int,
         params: TrioParams,
+        hidden: torch.Tensor | None = None,
     ) -> Selection:
-        """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``."""
-        hidden = self.hidden_at_depth(embeds)
+        """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``.
+
+        ``hidden`` is :meth:`hidden_at_depth` of ``embeds`` when the caller already
+        has it (layer mode hands those states over, so they are computed once).
+        """
+        if hidden is None:
+            hidden = self.hidden_at_depth(embeds)
         refs = self._layers[self.depth]
         weights, rotary = refs.weights(), refs.rotary()
         positions = torch.arange(embeds.shape[0], device=embeds.device)

@@ -44,9 +44,10 @@ def _install() -> None:
         # plugins, i.e. through the unwrapped `from_cli_args`.
         args.hf_overrides = engine_args.hf_overrides
         logger.info(
-            "vllm-trio: TRIO pruning on (default keep_ratio=%s, depth=%s)",
+            "vllm-trio: TRIO pruning on (default keep_ratio=%s, depth=%s, mode=%s)",
             trio.keep_ratio,
             trio.depth,
+            trio.mode,
         )
         return engine_args
 
