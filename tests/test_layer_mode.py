@@ -226,3 +226,37 @@ def test_layer_mode_refuses_micro_batching() -> None:
     check_layer_mode(config("input", True))
     with pytest.raises(ValueError, match="micro-batching"):
         check_layer_mode(config("layer", True))
+
+
+@pytest.fixture(scope="module")
+def layer_tp2_llm(tiny_ckpt: Path):
+    """Layer mode on two tensor-parallel CPU workers (set up as ``test_scaleout.tp2_llm``)."""
+    from test_scaleout import TP, environment
+    from vllm import LLM
+
+    from trio_dev.local_server import cpu_worker_env
+
+    env = {**cpu_worker_env(TP), "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    with environment(env):
+        llm = LLM(
+            model=str(tiny_ckpt),
+            tensor_parallel_size=TP,
+            distributed_executor_backend="mp",
+            enable_prefix_caching=False,
+            max_num_batched_tokens=32,
+            max_logprobs=-1,
+            **ENGINE_KWARGS,
+            **vllm_trio.engine_kwargs(keep_ratio=0.25, depth=TEST_DEPTH, mode="layer"),
+        )
+        yield llm
+        llm.llm_engine.engine_core.shutdown()
+
+
+@pytest.mark.engine
+def test_tp2_first_token_equals_in_llm_reference(layer_tp2_llm, hf) -> None:
+    """Every rank hands over rank 0's states (its own shards computed the same up to
+    summation order); the result is the reference's, as at one worker."""
+    image, prompt = make_image(12), _prompt("where is the circle?", preamble=PREAMBLE)
+    got = _first_logprobs(layer_tp2_llm, _request(prompt, [image], 0.222))
+    want = _reference_logprobs(hf, prompt, image, 0.222, TEST_DEPTH)
+    assert (got - want).abs().max() < ATOL
