@@ -89,19 +89,27 @@ def offline_engines(
 
 def paired_median_times(
     runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
-) -> dict[str, float]:
-    """Median wall time of each run, the runs interleaved so that drift in the
-    machine's load (it is shared) hits them alike."""
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each run, the runs interleaved so that drift
+    in the machine's load (it is shared) hits them alike.
+
+    CPU time is this process's (``time.process_time``): with in-process engines
+    it is the engine's own work, which other jobs on a shared machine inflate far
+    less than they inflate wall time.
+    """
     for _ in range(warmup):
         for fn in runs.values():
             fn()
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(repeats):
         for name, fn in runs.items():
-            start = time.perf_counter()
+            wall, cpu = time.perf_counter(), time.process_time()
             fn()
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {
+        name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+        for name, t in times.items()
+    }
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -16,7 +16,9 @@ one image request per image size (anyres grids) and keep ratio it reports:
 
 With ``--modes input,layer`` there is one TRIO engine per ``--trio-mode``; their
 runs of one request are interleaved (``paired_median_times``), and
-``vs_input`` is a mode's time over input mode's for the same request.
+``vs_input`` is a mode's time over input mode's for the same request, in wall
+time and in the process's CPU time (``cpu_vs_input``; the engines run in this
+process, and CPU time is far less inflated by other jobs on a shared machine).
 
     python benchmarks/prefill.py [--preset bench] [--depth 2] [--repeats 3] [--tp 1]
         [--modes input,layer] [--ratios 1,0.333,0.222,0.111]
@@ -57,8 +59,9 @@ def timed_generate(llm, req: dict, params: SamplingParams, repeats: int) -> floa
 
 def trio_times(
     trios: dict, req: dict, params: SamplingParams, repeats: int, side_pass: bool
-) -> dict[str, tuple[float, float | None]]:
-    """Per mode: median request time and (with ``side_pass``) median in-engine side pass."""
+) -> dict[str, tuple[float, float, float | None]]:
+    """Per mode: median request wall and CPU time and (with ``side_pass``) median
+    in-engine side pass."""
     side: dict[str, list[float]] = {mode: [] for mode in trios}
 
     def runner(mode: str):
@@ -72,7 +75,7 @@ def trio_times(
 
     totals = paired_median_times({mode: runner(mode) for mode in trios}, repeats)
     return {
-        mode: (totals[mode], statistics.median(side[mode][-repeats:]) if side_pass else None)
+        mode: (*totals[mode], statistics.median(side[mode][-repeats:]) if side_pass else None)
         for mode in trios
     }
 
@@ -85,6 +88,8 @@ COLUMNS = [
     ("e2e_s", "e2e s", ".3f"), ("e2e_speedup", "e2e x", ".2f"),
     ("side_s", "side s", ".3f"), ("side_pct", "side %", ".1f"),
     ("prefill_vs_input", "prefill vs input", ".3f"), ("e2e_vs_input", "e2e vs input", ".3f"),
+    ("prefill_cpu_vs_input", "prefill cpu vs input", ".3f"),
+    ("e2e_cpu_vs_input", "e2e cpu vs input", ".3f"),
 ]  # fmt: skip
 
 
@@ -143,9 +148,12 @@ def main() -> None:
                     prefill_s=prefill[mode][0], e2e_s=full[mode][0],
                     prefill_vs_input=prefill[mode][0] / prefill[modes[0]][0],
                     e2e_vs_input=full[mode][0] / full[modes[0]][0],
+                    prefill_cpu_s=prefill[mode][1], e2e_cpu_s=full[mode][1],
+                    prefill_cpu_vs_input=prefill[mode][1] / prefill[modes[0]][1],
+                    e2e_cpu_vs_input=full[mode][1] / full[modes[0]][1],
                 )  # fmt: skip
                 if r < 1.0:
-                    row["side_s"] = prefill[mode][1]
+                    row["side_s"] = prefill[mode][2]
                     row["side_pct"] = 100 * row["side_s"] / base["prefill_s"]
                 rows.append(row)
         for row in rows[-1 - len(ratios) * len(modes) :]:
