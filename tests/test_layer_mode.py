@@ -3,8 +3,9 @@
 One layer-mode engine, in vLLM's default compiled mode (no ``enforce_eager``:
 on the CPU build that is one Dynamo trace compiled by Inductor), with prefix
 caching and 32-token prefill chunks, so images and the text after them are
-split across steps. Its first-token log-probabilities are compared over the
-whole vocabulary with the HF reference that prunes inside the LLM at layer L
+split across steps, and one with two tensor-parallel workers (eager). Their
+first-token log-probabilities are compared over the whole vocabulary with the
+HF reference that prunes inside the LLM at layer L
 (``trio_dev.reference.prune_forward_hf``).
 """
 
