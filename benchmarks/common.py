@@ -72,8 +72,11 @@ def bench_checkpoint(preset: str = "bench") -> Path:
     return build_checkpoint(ARTIFACTS / f"ckpt-{preset}", preset=preset)
 
 
-def offline_engines(ckpt: Path, depth: int, block_size: int = 32, **extra: Any):
-    """Stock and TRIO in-process engines with identical settings, caches off."""
+def offline_engines(
+    ckpt: Path, depth: int, block_size: int = 32, modes: tuple[str, ...] = ("input",), **extra: Any
+):
+    """Stock and one TRIO in-process engine per ``--trio-mode`` (``{mode: engine}``),
+    with identical settings, caches off."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM
 
@@ -92,8 +95,36 @@ def offline_engines(ckpt: Path, depth: int, block_size: int = 32, **extra: Any):
         **extra,
     )
     stock = LLM(**common)
-    trio = LLM(**common, **vllm_trio.engine_kwargs(keep_ratio=1.0, depth=depth))
-    return stock, trio
+    trios = {
+        mode: LLM(**common, **vllm_trio.engine_kwargs(keep_ratio=1.0, depth=depth, mode=mode))
+        for mode in modes
+    }
+    return stock, trios
+
+
+def paired_median_times(
+    runs: dict[str, Callable[[], object]], repeats: int, warmup: int = 1
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) seconds of each run, the runs interleaved so that drift
+    in the machine's load (it is shared) hits them alike.
+
+    CPU time is this process's (``time.process_time``): with in-process engines
+    it is the engine's own work, which other jobs on a shared machine inflate far
+    less than they inflate wall time.
+    """
+    for _ in range(warmup):
+        for fn in runs.values():
+            fn()
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, fn in runs.items():
+            wall, cpu = time.perf_counter(), time.process_time()
+            fn()
+            times[name].append((time.perf_counter() - wall, time.process_time() - cpu))
+    return {
+        name: (statistics.median(w for w, _ in t), statistics.median(c for _, c in t))
+        for name, t in times.items()
+    }
 
 
 def median_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:

@@ -14,7 +14,14 @@ one image request per image size (anyres grids) and keep ratio it reports:
 * ``side_s``/``side_pct``: the in-engine side pass of that request (from the
   model's selection log) and its share of stock prefill.
 
+With ``--modes input,layer`` there is one TRIO engine per ``--trio-mode``; their
+runs of one request are interleaved (``paired_median_times``), and
+``vs_input`` is a mode's time over input mode's for the same request, in wall
+time and in the process's CPU time (``cpu_vs_input``; the engines run in this
+process, and CPU time is far less inflated by other jobs on a shared machine).
+
     python benchmarks/prefill.py [--preset bench] [--depth 2] [--repeats 3] [--tp 1]
+        [--modes input,layer] [--ratios 1,0.333,0.222,0.111]
 
 ``--preset qwen-bench`` runs the same on a Qwen2.5-VL-7B-shaped checkpoint
 (results in ``prefill_qwen-bench.json``).
@@ -37,6 +44,7 @@ from common import (
     median_time,
     offline_engines,
     offline_request,
+    paired_median_times,
     save,
     scene,
     table,
@@ -53,25 +61,39 @@ def timed_generate(llm, req: dict, params: SamplingParams, repeats: int) -> floa
     return median_time(lambda: llm.generate(req, params, use_tqdm=False), repeats)
 
 
-def trio_prefill(trio, req: dict, params: SamplingParams, repeats: int) -> tuple[float, float]:
-    """Median request time and median in-engine side-pass time."""
-    side: list[float] = []
+def trio_times(
+    trios: dict, req: dict, params: SamplingParams, repeats: int, side_pass: bool
+) -> dict[str, tuple[float, float, float | None]]:
+    """Per mode: median request wall and CPU time and (with ``side_pass``) median
+    in-engine side pass."""
+    side: dict[str, list[float]] = {mode: [] for mode in trios}
 
-    def run() -> None:
-        trio.generate(req, params, use_tqdm=False)
-        rank0_log = trio.apply_model(selection_log)[0]
-        side.append(rank0_log[-1].side_pass_s)
+    def runner(mode: str):
+        def run() -> None:
+            trios[mode].generate(req, params, use_tqdm=False)
+            if side_pass:
+                rank0_log = trios[mode].apply_model(selection_log)[0]
+                side[mode].append(rank0_log[-1].side_pass_s)
 
-    total = median_time(run, repeats)
-    return total, statistics.median(side[-repeats:])
+        return run
+
+    totals = paired_median_times({mode: runner(mode) for mode in trios}, repeats)
+    return {
+        mode: (*totals[mode], statistics.median(side[mode][-repeats:]) if side_pass else None)
+        for mode in trios
+    }
 
 
 COLUMNS = [
-    ("engine", "engine", ""), ("image", "image", ""), ("ratio", "ratio", ".3f"),
+    ("engine", "engine", ""), ("mode", "mode", ""), ("image", "image", ""),
+    ("ratio", "ratio", ".3f"),
     ("prompt", "prompt", "d"), ("blocks", "blocks", "d"), ("kv_x", "KV x", ".2f"),
     ("prefill_s", "prefill s", ".3f"), ("speedup", "speedup", ".2f"),
     ("e2e_s", "e2e s", ".3f"), ("e2e_speedup", "e2e x", ".2f"),
     ("side_s", "side s", ".3f"), ("side_pct", "side %", ".1f"),
+    ("prefill_vs_input", "prefill vs input", ".3f"), ("e2e_vs_input", "e2e vs input", ".3f"),
+    ("prefill_cpu_vs_input", "prefill cpu vs input", ".3f"),
+    ("e2e_cpu_vs_input", "e2e cpu vs input", ".3f"),
 ]  # fmt: skip
 
 
@@ -88,8 +110,12 @@ def main() -> None:
     ap.add_argument("--sizes", default=",".join(f"{w}x{h}" for w, h in IMAGE_SIZES))
     ap.add_argument("--block-size", type=int, default=32)
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel workers per engine")
+    ap.add_argument("--modes", default="input", help="comma-separated --trio-mode values")
+    ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
+    modes = tuple(args.modes.split(","))
+    ratios = [float(r) for r in args.ratios.split(",")]
 
     parallel = {}
     if args.tp > 1:
@@ -100,7 +126,7 @@ def main() -> None:
     fam = family(args.preset)
     if fam == "qwen":
         parallel["limit_mm_per_prompt"] = {"image": 1, "video": 0}
-    stock, trio = offline_engines(ckpt, args.depth, args.block_size, **parallel)
+    stock, trios = offline_engines(ckpt, args.depth, args.block_size, modes, **parallel)
     first = SamplingParams(max_tokens=1, temperature=0)
     e2e = SamplingParams(max_tokens=args.output_len, temperature=0, ignore_eos=True)
 
@@ -119,25 +145,32 @@ def main() -> None:
             e2e_s=timed_generate(stock, base_req, e2e, args.repeats),
         )
         rows.append(base)
-        for r in RATIOS:
+        for r in ratios:
             req = offline_request(image, r, fam)
-            kv = measure_prompt_kv(trio, req, f"trio-kv-{r}")
-            row = dict(
-                engine="trio", image=base["image"], ratio=r, prompt=kv.prompt_tokens,
-                blocks=kv.kv_blocks, e2e_s=timed_generate(trio, req, e2e, args.repeats),
-            )  # fmt: skip
-            if r < 1.0:
-                row["prefill_s"], row["side_s"] = trio_prefill(trio, req, first, args.repeats)
-                row["side_pct"] = 100 * row["side_s"] / base["prefill_s"]
-            else:
-                row["prefill_s"] = timed_generate(trio, req, first, args.repeats)
-            rows.append(row)
-        for row in rows[-1 - len(RATIOS) :]:
+            prefill = trio_times(trios, req, first, args.repeats, side_pass=r < 1.0)
+            full = trio_times(trios, req, e2e, args.repeats, side_pass=False)
+            for mode, trio in trios.items():
+                kv = measure_prompt_kv(trio, req, f"trio-kv-{mode}-{r}")
+                row = dict(
+                    engine="trio", mode=mode, image=base["image"], ratio=r,
+                    prompt=kv.prompt_tokens, blocks=kv.kv_blocks,
+                    prefill_s=prefill[mode][0], e2e_s=full[mode][0],
+                    prefill_vs_input=prefill[mode][0] / prefill[modes[0]][0],
+                    e2e_vs_input=full[mode][0] / full[modes[0]][0],
+                    prefill_cpu_s=prefill[mode][1], e2e_cpu_s=full[mode][1],
+                    prefill_cpu_vs_input=prefill[mode][1] / prefill[modes[0]][1],
+                    e2e_cpu_vs_input=full[mode][1] / full[modes[0]][1],
+                )  # fmt: skip
+                if r < 1.0:
+                    row["side_s"] = prefill[mode][2]
+                    row["side_pct"] = 100 * row["side_s"] / base["prefill_s"]
+                rows.append(row)
+        for row in rows[-1 - len(ratios) * len(modes) :]:
             row["kv_x"] = base["blocks"] / row["blocks"]
             row["speedup"] = base["prefill_s"] / row["prefill_s"]
             row["e2e_speedup"] = base["e2e_s"] / row["e2e_s"]
 
-    model_config = trio.llm_engine.vllm_config.model_config
+    model_config = stock.llm_engine.vllm_config.model_config
     meta = dict(
         preset=args.preset,
         depth=args.depth,
@@ -145,6 +178,7 @@ def main() -> None:
         output_len=args.output_len,
         block_size=args.block_size,
         tensor_parallel_size=args.tp,
+        modes=list(modes),
         num_layers=model_config.hf_config.get_text_config().num_hidden_layers,
         dtype=str(model_config.dtype),
     )
@@ -153,6 +187,8 @@ def main() -> None:
     name = "prefill" if args.tp == 1 else f"prefill_tp{args.tp}"
     if fam == "qwen":
         name += f"_{args.preset}"
+    if modes != ("input",):
+        name += "_" + "_".join(modes)
     print(f"saved {save(name, {'meta': meta, 'rows': rows})}")
 
 

@@ -195,6 +195,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 WHEEL_FILES = [
     "vllm_trio/__init__.py",
     "vllm_trio/binding/__init__.py",
+    "vllm_trio/binding/layer_mode.py",
     "vllm_trio/binding/model.py",
     "vllm_trio/binding/processor.py",
     "vllm_trio/binding/qwen2_5_vl.py",

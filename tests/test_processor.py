@@ -11,14 +11,14 @@ import vllm_trio
 from vllm_trio.core.budget import num_kept_tokens
 
 
-def _processor(ckpt: Path, trio: bool, keep_ratio: float = 0.25):
+def _processor(ckpt: Path, trio: bool, keep_ratio: float = 0.25, mode: str = "input"):
     from vllm.config import ModelConfig
     from vllm.multimodal import MULTIMODAL_REGISTRY
 
     from vllm_trio.plugin import register
 
     register()
-    kwargs = vllm_trio.engine_kwargs(keep_ratio=keep_ratio, depth=1) if trio else {}
+    kwargs = vllm_trio.engine_kwargs(keep_ratio=keep_ratio, depth=1, mode=mode) if trio else {}
     model_config = ModelConfig(model=str(ckpt), max_model_len=2048, **kwargs)
     return MULTIMODAL_REGISTRY.create_processor(model_config)
 

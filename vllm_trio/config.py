@@ -77,6 +77,14 @@ def trio_family(architecture: str) -> Family:
 DEFAULT_KEEP_RATIO = 0.25
 DEFAULT_DEPTH = 2
 
+#: Where the pruning takes effect (``--trio-mode``). ``input``: the kept
+#: embeddings enter layer 0 of a shortened prompt, so they never see the dropped
+#: tokens. ``layer``: the prompt is as short, but the residual stream entering
+#: layer L is replaced by the side pass's full-context hidden states (the
+#: paper's in-LLM pruning at L for the prompt; ``vllm_trio.binding.layer_mode``).
+TRIO_MODES = ("input", "layer")
+DEFAULT_MODE = "input"
+
 
 @dataclass(frozen=True)
 class TrioConfig:
@@ -87,9 +95,12 @@ class TrioConfig:
     tau: float = 0.8
     num_loss_positions: int = 4
     include_final_position: bool = False
+    mode: str = DEFAULT_MODE
 
     def __post_init__(self) -> None:
         validate_keep_ratio(self.keep_ratio, "trio_keep_ratio")
+        if self.mode not in TRIO_MODES:
+            raise ValueError(f"trio_mode must be one of {', '.join(TRIO_MODES)}, got {self.mode!r}")
         if isinstance(self.depth, bool) or not isinstance(self.depth, int) or self.depth < 0:
             raise ValueError(f"trio_depth must be an integer >= 0, got {self.depth!r}")
         if not -1.0 <= self.tau <= 1.0:
@@ -106,6 +117,7 @@ class TrioConfig:
             tau=getattr(hf_config, "trio_tau", 0.8),
             num_loss_positions=getattr(hf_config, "trio_num_loss_positions", 4),
             include_final_position=getattr(hf_config, "trio_include_final_position", False),
+            mode=getattr(hf_config, "trio_mode", DEFAULT_MODE),
         )
 
     def config_attributes(self) -> dict[str, object]:
@@ -116,6 +128,7 @@ class TrioConfig:
             "trio_tau": self.tau,
             "trio_num_loss_positions": self.num_loss_positions,
             "trio_include_final_position": self.include_final_position,
+            "trio_mode": self.mode,
         }
 
     def hf_overrides(self, base: Any = None) -> TrioHfOverrides:

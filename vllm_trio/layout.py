@@ -23,6 +23,7 @@ def check_layout(vllm_config: Any) -> None:
     check_text_backbone(model_config.hf_config)
     check_quantization(getattr(model_config, "quantization", None))
     check_video_pruning(getattr(model_config, "multimodal_config", None))
+    check_layer_mode(vllm_config)
     if getattr(vllm_config, "lora_config", None) is not None:
         raise ValueError(
             "vllm-trio: --enable-lora is not supported with --plugin trio: the side pass "
@@ -106,3 +107,24 @@ def check_quantization(method: str | None) -> None:
         "which a quantized layer does not hold. Serve the unquantized checkpoint with "
         "--plugin trio, or this one without it (README 'Layouts')"
     )
+
+
+def check_layer_mode(vllm_config: Any) -> None:
+    """Refuse micro-batching (``--enable-dbo``, ``--ubatch-size``) in layer mode: it
+    runs the forward on slices of a step's tokens, so row ``i`` of layer L's input
+    would no longer be row ``i`` of the rows staged for that step."""
+    from .config import TRIO_ARCH, TrioConfig
+
+    hf_config = vllm_config.model_config.hf_config
+    mode = TrioConfig.from_hf_config(hf_config).mode
+    if mode == "layer" and TRIO_ARCH not in (getattr(hf_config, "architectures", None) or []):
+        raise ValueError(
+            "vllm-trio: --trio-mode layer is implemented for LLaVA-NeXT only (Qwen2.5-VL's "
+            "handover would also need its M-RoPE positions at layer L); use --trio-mode input"
+        )
+    if mode == "layer" and getattr(vllm_config.parallel_config, "use_ubatching", False):
+        raise ValueError(
+            "vllm-trio: --trio-mode layer does not support micro-batching (--enable-dbo, "
+            "--ubatch-size): the handed-over rows are staged per step, not per micro-batch. "
+            "Use --trio-mode input, or serve without micro-batching"
+        )

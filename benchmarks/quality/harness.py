@@ -19,6 +19,10 @@ Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
 * ``trio-vllm@L``: the product: vLLM with TRIO on
   (``vllm_trio.engine_kwargs(depth=L)``), the ratio per request through
   ``mm_processor_kwargs``; tokens are scored at depth L, dropped at the input.
+* ``trio-layer@L``: vLLM with TRIO in layer mode
+  (``engine_kwargs(depth=L, mode="layer")``): the same k tokens of KV as
+  ``trio-vllm@L``, with the side pass's full-context states handed to layer L
+  (``vllm_trio.binding.layer_mode``); its first token equals ``trio-ref@L``'s.
 * ``trio-ref@L``: the paper-faithful reference, pruning *inside* the LLM at
   layer L (``trio_dev.reference.generate_hf`` with ``Schedule.single(L, k)``):
   layers below L see every token.
@@ -99,7 +103,15 @@ DEFAULT_MODEL = ROOT / "benchmarks" / "quality" / "model"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
 DEFAULT_RATIOS = (1.0, 0.333, 0.222, 0.111, 0.05, 0.02)
 INPUT_BASELINES = ("random", "grid", "cls-attn", "text-attn", "diversity")
-DEFAULT_ARMS = ("stock-vllm", "hf-unpruned", "trio-vllm", "trio-ref", "trio+ve", *INPUT_BASELINES)
+DEFAULT_ARMS = (
+    "stock-vllm",
+    "hf-unpruned",
+    "trio-vllm",
+    "trio-layer",
+    "trio-ref",
+    "trio+ve",
+    *INPUT_BASELINES,
+)
 #: Reference (ocy1/TRIO, LLaVA, CLIP ViT-L/14 with 24 layers): the window
 #: stage reads layer 5's [CLS] attention; scaled to other vision depths.
 REF_SHALLOW_LAYER, REF_VISION_LAYERS = 5, 24
@@ -423,7 +435,8 @@ def summarise(
                 "mean_visual_per_layer": _mean(r.visual_per_layer),
                 "side_pass_cost": (
                     (r.depth + 0.5) / num_layers
-                    if r.depth is not None and r.arm.startswith(("trio-vllm", "trio-hf", "trio+ve"))
+                    if r.depth is not None
+                    and r.arm.startswith(("trio-vllm", "trio-layer", "trio-hf", "trio+ve"))
                     else None
                 ),
                 "seconds": r.seconds,
@@ -516,22 +529,69 @@ def comparisons(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
         pairs.append(
             f"| {r['depth']} | {r['ratio']:g} | {_fmt(r['accuracy'])} | {_fmt(ref['accuracy'])} | "
             f"{100 * (r['accuracy'] - ref['accuracy']):+.1f} | {wins}/{losses} | "
-            f"{_fmt(r['side_pass_cost'])} |"
+            f"{mcnemar_p(wins, losses):.3f} | {_fmt(r['side_pass_cost'])} |"
         )
     if pairs:
         out += [
             "## Pruning at the input (trio-vllm@L) vs inside the LLM (trio-ref@L)",
             "",
             "`Δ` = input − reference in points; `only/only` = questions only the input "
-            "arm / only the reference got right; `side cost` = (L + 0.5) / num_layers of "
-            "an unpruned prefill, in %.",
+            "arm / only the reference got right; `p` = exact McNemar test on those; "
+            "`side cost` = (L + 0.5) / num_layers of an unpruned prefill, in %.",
             "",
-            "| L | ratio | trio-vllm | trio-ref | Δ | only/only | side cost |",
-            "|---|---|---|---|---|---|---|",
+            "| L | ratio | trio-vllm | trio-ref | Δ | only/only | p | side cost |",
+            "|---|---|---|---|---|---|---|---|",
             *pairs,
             "",
         ]
+    out += layer_mode_comparisons(by_key, rows)
     return out
+
+
+def mcnemar_p(only_a: int, only_b: int) -> float:
+    """Exact two-sided McNemar p-value (binomial test on the discordant pairs)."""
+    n = only_a + only_b
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def layer_mode_comparisons(by_key: dict, rows: list[dict[str, Any]]) -> list[str]:
+    """Layer mode against input mode and against the in-LLM reference, paired per question."""
+    lines = []
+    for r in rows:
+        if not r["arm"].startswith("trio-layer@"):
+            continue
+        for other in (f"trio-vllm@{r['depth']}", f"trio-ref@{r['depth']}"):
+            o = by_key.get((other, r["ratio"]))
+            if o is None:
+                continue
+            pairs = list(zip(r["correct"], o["correct"], strict=True))
+            only_l = sum(a == "1" and b == "0" for a, b in pairs)
+            only_o = sum(a == "0" and b == "1" for a, b in pairs)
+            same = _mean([a == b for a, b in zip(r["answers"], o["answers"], strict=True)])
+            lines.append(
+                f"| {r['depth']} | {r['ratio']:g} | {other} | {_fmt(r['accuracy'])} | "
+                f"{_fmt(o['accuracy'])} | {100 * (r['accuracy'] - o['accuracy']):+.1f} | "
+                f"{only_l}/{only_o} | {mcnemar_p(only_l, only_o):.3f} | {_fmt(same)} |"
+            )
+    if not lines:
+        return []
+    return [
+        "## Layer mode (trio-layer@L) vs input mode and vs the in-LLM reference",
+        "",
+        "`Δ` = layer − other in points; `only/only` = questions only layer mode / only "
+        "the other arm got right; `p` = exact McNemar test on those; `same answer` = "
+        "identical greedy answer (layer mode's first token equals the reference's, so "
+        "against trio-ref a difference comes from decoding, where new tokens read the "
+        "k kept tokens' KV below L instead of all N).",
+        "",
+        "| L | ratio | other | trio-layer | other acc | Δ | only/only | p | same answer |",
+        "|---|---|---|---|---|---|---|---|---|",
+        *lines,
+        "",
+    ]
 
 
 # --------------------------------------------------------------------------- #
@@ -548,8 +608,10 @@ def run_vllm(
     max_model_len: int,
     seed: int,
     start: float,
+    mode: str = "input",
 ) -> list[ArmResult]:
-    """One in-process engine (stock when ``depth`` is None), all samples per ratio batched."""
+    """One in-process engine (stock when ``depth`` is None), all samples per ratio batched;
+    ``mode`` is TRIO's ``--trio-mode``."""
     from vllm import LLM, SamplingParams
 
     import vllm_trio
@@ -565,8 +627,9 @@ def run_vllm(
     kv_bytes = _kv_bytes(model_dir, max_model_len)
     kwargs["kv_cache_memory_bytes"] = kv_bytes
     if depth is not None:
-        kwargs.update(vllm_trio.engine_kwargs(keep_ratio=1.0, depth=depth))
-    name = "stock-vllm" if depth is None else f"trio-vllm@{depth}"
+        kwargs.update(vllm_trio.engine_kwargs(keep_ratio=1.0, depth=depth, mode=mode))
+    arm = "trio-layer" if mode == "layer" else "trio-vllm"
+    name = "stock-vllm" if depth is None else f"{arm}@{depth}"
     t0 = time.perf_counter()
     llm = LLM(**kwargs)
     _freeze_heap()
@@ -839,6 +902,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                     model_dir, samples, pruned_ratios, d, max_tokens, max_len, 0, start
                 )
                 timings[f"trio-vllm@{d}"] = time.perf_counter() - t0
+        if "trio-layer" in arms and pruned_ratios:
+            for d in depths:
+                t0 = time.perf_counter()
+                results += run_vllm(
+                    model_dir, samples, pruned_ratios, d, max_tokens, max_len, 0, start, "layer"
+                )
+                timings[f"trio-layer@{d}"] = time.perf_counter() - t0
         _fill_vllm_kept(results, prepared)
 
         results.sort(key=_order)
@@ -903,7 +973,7 @@ def _fill_vllm_kept(results: list[ArmResult], prepared: list[Prepared]) -> None:
     so it stops the run.
     """
     for res in results:
-        if not res.arm.startswith(("stock-vllm", "trio-vllm")):
+        if not res.arm.startswith(("stock-vllm", "trio-vllm", "trio-layer")):
             continue
         for i, prep in enumerate(prepared):
             text_tokens = prep.input_ids.numel() - prep.num_visual
@@ -920,7 +990,15 @@ def _fill_vllm_kept(results: list[ArmResult], prepared: list[Prepared]) -> None:
 
 def _order(r: ArmResult) -> tuple[int, int, float]:
     """Table order: unpruned first, then trio arms by depth, then baselines; ratio desc."""
-    names = ["stock-vllm", "hf-unpruned", "trio-vllm", "trio-ref", "trio-hf", "trio+ve"]
+    names = [
+        "stock-vllm",
+        "hf-unpruned",
+        "trio-vllm",
+        "trio-layer",
+        "trio-ref",
+        "trio-hf",
+        "trio+ve",
+    ]
     base = r.arm.split("@")[0]
     rank = names.index(base) if base in names else len(names) + INPUT_BASELINES.index(base)
     return rank * 100 + (r.depth or 0), 0, -r.ratio

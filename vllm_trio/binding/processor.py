@@ -20,6 +20,7 @@ from vllm.multimodal.inputs import MultiModalKwargsItems
 from vllm.multimodal.parse import MultiModalDataItems
 from vllm.multimodal.processing import PromptReplacement, PromptUpdate
 
+from .layer_mode import TEXT_ROWS_FIELD, handover_update
 from .trio_processor import TRIO_FIELDS, TrioProcessingInfoMixin, TrioProcessorMixin
 
 __all__ = ["TRIO_FIELDS", "TrioLlavaNextMultiModalProcessor", "TrioLlavaNextProcessingInfo"]
@@ -55,12 +56,25 @@ class TrioLlavaNextMultiModalProcessor(
         image_token_id = self.info.get_hf_config().image_token_index
         stock = updates[0]
 
-        def replacement(item_idx: int) -> list[int]:
+        def update(item_idx: int) -> tuple[list[int], list[int]] | None:
+            """(target, replacement) of a TRIO item: k placeholders, and in layer
+            mode the handed-over text after the image inside the same range."""
             item = out_mm_kwargs["image"][item_idx]
-            if "trio_num_keep" in item:
-                return [image_token_id] * int(item["trio_num_keep"].data)
-            return stock.replacement(item_idx)  # type: ignore[operator]
+            if "trio_num_keep" not in item:
+                return None
+            return handover_update(
+                image_token_id,
+                item["trio_prompt_ids"].data,
+                int(item["trio_num_keep"].data),
+                int(item[TEXT_ROWS_FIELD].data),
+            )
 
-        return [
-            PromptReplacement(modality="image", target=[image_token_id], replacement=replacement)
-        ]
+        def target(item_idx: int) -> list[int]:
+            trio = update(item_idx)
+            return [image_token_id] if trio is None else trio[0]
+
+        def replacement(item_idx: int) -> list[int]:
+            trio = update(item_idx)
+            return stock.replacement(item_idx) if trio is None else trio[1]  # type: ignore[operator]
+
+        return [PromptReplacement(modality="image", target=target, replacement=replacement)]

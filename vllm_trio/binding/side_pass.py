@@ -130,12 +130,16 @@ class LlamaSidePass:
         k: int,
         params: TrioParams,
         positions: torch.Tensor | None = None,
+        hidden: torch.Tensor | None = None,
     ) -> Selection:
         """Keep ``k`` of the rows ``visual_index`` of the prompt embeddings ``embeds``.
 
         ``positions``: the family's positions of the rows (None: ``0..S-1``).
+        ``hidden`` is :meth:`hidden_at_depth` of ``embeds`` when the caller already
+        has it (layer mode hands those states over, so they are computed once).
         """
-        hidden = self.hidden_at_depth(embeds, positions)
+        if hidden is None:
+            hidden = self.hidden_at_depth(embeds, positions)
         refs = self._layers[self.depth]
         weights = refs.weights()
         rotary, positions = self.rotary_at(refs, positions, embeds.shape[0], embeds.device)

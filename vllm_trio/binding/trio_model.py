@@ -59,6 +59,17 @@ class SelectionRecord:
     side_pass_s: float
 
 
+@dataclass(frozen=True)
+class SidePassResult:
+    """One image's side pass: the kept indices, the prompt embeddings it scored
+    (text + all N visual rows), the states entering layer L, and the visual rows."""
+
+    keep: torch.Tensor
+    embeds: torch.Tensor
+    hidden: torch.Tensor
+    visual_index: torch.Tensor
+
+
 class TrioModelMixin:
     """Scores and selects each image's visual tokens; families call :meth:`trio_keep`."""
 
@@ -104,18 +115,30 @@ class TrioModelMixin:
         context_positions: ContextPositions | None = None,
     ) -> list[torch.Tensor | None]:
         """Kept row indices of each image's ``features`` ``[N, D]`` (None: keep all)."""
+        return [
+            None if result is None else result.keep
+            for result in self.trio_select(features, trio, context_positions)
+        ]
+
+    def trio_select(
+        self,
+        features: Sequence[torch.Tensor],
+        trio: Mapping[str, object],
+        context_positions: ContextPositions | None = None,
+    ) -> list[SidePassResult | None]:
+        """Each image's side pass: kept indices and its context (None: keep all)."""
         if trio["trio_num_keep"] is None:
             return [None] * len(features)
-        kept: list[torch.Tensor | None] = []
+        results: list[SidePassResult | None] = []
         for i, feats in enumerate(features):
-            k = int(_item(trio["trio_num_keep"], i))
+            k = int(batch_item(trio["trio_num_keep"], i))
             if k >= feats.shape[0]:
-                kept.append(None)
+                results.append(None)
                 continue
-            prompt_ids = _item(trio["trio_prompt_ids"], i)
-            ordinal = int(_item(trio["trio_ordinal"], i))
+            prompt_ids = batch_item(trio["trio_prompt_ids"], i)
+            ordinal = int(batch_item(trio["trio_ordinal"], i))
             start = time.perf_counter()
-            keep = self._select(feats, prompt_ids, ordinal, k, i, context_positions)
+            result = self._select(feats, prompt_ids, ordinal, k, i, context_positions)
             seconds = time.perf_counter() - start
             if self._tp is None or self._tp.rank == 0:  # once per image, not per rank
                 metrics.observe("vllm:trio_side_pass_seconds", seconds, (self._model_name,))
@@ -124,12 +147,12 @@ class TrioModelMixin:
                     prompt_ids=tuple(prompt_ids.tolist()),
                     ordinal=ordinal,
                     num_tokens=feats.shape[0],
-                    keep=keep.tolist(),
+                    keep=result.keep.tolist(),
                     side_pass_s=seconds,
                 )
             )
-            kept.append(keep)
-        return kept
+            results.append(result)
+        return results
 
     def _select(
         self,
@@ -139,19 +162,22 @@ class TrioModelMixin:
         k: int,
         item: int,
         context_positions: ContextPositions | None,
-    ) -> torch.Tensor:
-        """Kept indices of one image's ``feats`` ``[N, D]``, scored in its prompt."""
+    ) -> SidePassResult:
+        """One image's ``feats`` ``[N, D]`` scored in its prompt: kept indices and context."""
         embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
         positions = None
         if context_positions is not None:
             before = int(visual_index[0])
             after = embeds.shape[0] - before - feats.shape[0]
             positions = context_positions(item, before, after)
-        keep = self._side_pass.select(embeds, visual_index, k, self.trio_params, positions).keep
+        hidden = self._side_pass.hidden_at_depth(embeds, positions)
+        keep = self._side_pass.select(
+            embeds, visual_index, k, self.trio_params, positions, hidden
+        ).keep
         if self._tp is not None:
             # Ranks agree up to summation order; rank 0 decides near-ties.
             keep = get_tp_group().broadcast(keep, src=0)
-        return keep
+        return SidePassResult(keep, embeds, hidden, visual_index)
 
     def _side_pass_context(
         self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int
@@ -195,7 +221,7 @@ def _vllm_tensor_parallel() -> TensorParallel | None:
     )
 
 
-def _item(batch: object, i: int) -> torch.Tensor:
+def batch_item(batch: object, i: int) -> torch.Tensor:
     """Element ``i`` of a batched field (a stacked tensor or a list of tensors)."""
     if isinstance(batch, torch.Tensor | Sequence):
         return batch[i]

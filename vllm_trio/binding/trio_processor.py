@@ -35,22 +35,24 @@ from .. import metrics
 from ..config import TrioConfig
 from ..core.budget import num_kept_tokens, validate_keep_ratio
 from ..requests.keep_ratio import KEEP_RATIO_KWARG
+from .layer_mode import TEXT_ROWS_FIELD, num_text_rows
 
 #: Request-level processor kwargs understood by TRIO. ``trio_keep_ratio`` is
 #: public (offline: ``mm_processor_kwargs={"trio_keep_ratio": r}``); the
 #: others are filled in by the processor itself.
 _PROMPT_KWARG = "trio_prompt"
 _DEPTH_KWARG = "trio_depth"
+_MODE_KWARG = "trio_mode"
 _ORDINALS_KWARG = "trio_item_ordinals"
 #: Marks the profiling run's dummy inputs, which are not served images.
 _PROFILING_KWARG = "trio_profiling"
 TRIO_KWARGS = frozenset(
-    {KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _ORDINALS_KWARG, _PROFILING_KWARG}
+    {KEEP_RATIO_KWARG, _PROMPT_KWARG, _DEPTH_KWARG, _MODE_KWARG, _ORDINALS_KWARG, _PROFILING_KWARG}
 )
 
 #: Per-image fields handed to the model with the pixels (the depth is
 #: server-wide and read from the config; it is in the kwargs for the hash).
-TRIO_FIELDS = ("trio_prompt_ids", "trio_ordinal", "trio_num_keep")
+TRIO_FIELDS = ("trio_prompt_ids", "trio_ordinal", "trio_num_keep", TEXT_ROWS_FIELD)
 
 
 class TrioProcessingInfoMixin:
@@ -105,10 +107,12 @@ class TrioProcessorMixin:
             return  # no images, or precomputed embeddings (never pruned)
         ratio = float(inputs.hf_processor_mm_kwargs[KEEP_RATIO_KWARG])
         model_name = self.info.ctx.model_config.served_model_name
-        for i, placeholder in enumerate(placeholders):
+        for i in range(len(placeholders)):
             size = images.get_image_size(i)
             n = self._trio_count_image_tokens(size.width, size.height)
-            metrics.record_image(model_name, n, placeholder.get_num_embeds(), ratio)
+            # k as the processor computed it (in layer mode the range also
+            # holds the handed-over text rows).
+            metrics.record_image(model_name, n, num_kept_tokens(n, ratio), ratio)
 
     @staticmethod
     def _forget_sent_items(cache, mm_hashes: Mapping[str, Sequence[str]]) -> None:
@@ -139,6 +143,7 @@ class TrioProcessorMixin:
         ratio = validate_keep_ratio(kwargs.get(KEEP_RATIO_KWARG, cfg.keep_ratio), KEEP_RATIO_KWARG)
         kwargs[KEEP_RATIO_KWARG] = ratio
         kwargs[_DEPTH_KWARG] = cfg.depth
+        kwargs[_MODE_KWARG] = cfg.mode  # input- and layer-mode items never share a cache entry
         kwargs.pop(_ORDINALS_KWARG, None)
         # The prompt travels in the kwargs (not in processor state: requests
         # are processed on a thread pool), which also puts it in the hash.
@@ -183,16 +188,23 @@ class TrioProcessorMixin:
         if len(ordinals) != num_items:
             raise RuntimeError("TRIO: item ordinals do not match the processed images")
         prompt = torch.tensor(trio_kwargs.get(_PROMPT_KWARG, ()), dtype=torch.long)
-        num_keep = []
+        cfg = self.info.get_trio_config()
+        num_keep, text_rows = [], []
         for n in counts:
             k = num_kept_tokens(n, ratio)
             if k < n:
                 self._check_scoring_context(prompt, n)
             num_keep.append(k)
+            text_rows.append(
+                num_text_rows(
+                    prompt.tolist(), self._trio_image_token_id(), n, k, cfg.mode, cfg.depth
+                )
+            )
         return {
             "trio_prompt_ids": [prompt] * num_items,
             "trio_ordinal": torch.tensor(ordinals, dtype=torch.long),
             "trio_num_keep": torch.tensor(num_keep, dtype=torch.long),
+            TEXT_ROWS_FIELD: torch.tensor(text_rows, dtype=torch.long),
         }
 
     def _check_scoring_context(self, prompt: torch.Tensor, num_tokens: int) -> None:

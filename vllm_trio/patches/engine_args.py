@@ -46,9 +46,10 @@ def _install() -> None:
         args.hf_overrides = engine_args.hf_overrides
         metrics.enable_cross_process()  # before any engine process is started
         logger.info(
-            "vllm-trio: TRIO pruning on (default keep_ratio=%s, depth=%s)",
+            "vllm-trio: TRIO pruning on (default keep_ratio=%s, depth=%s, mode=%s)",
             trio.keep_ratio,
             trio.depth,
+            trio.mode,
         )
         return engine_args
 

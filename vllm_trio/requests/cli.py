@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, TrioConfig
+from ..config import DEFAULT_DEPTH, DEFAULT_KEEP_RATIO, DEFAULT_MODE, TRIO_MODES, TrioConfig
 
 PLUGIN_NAME = "trio"
 GROUP_TITLE = "vllm-trio"
@@ -49,6 +49,15 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
         help=f"Decoder layer L whose input is scored by TRIO's side pass (default "
         f"{DEFAULT_DEPTH}); the side pass costs about (L + 0.5)/num_layers of a prefill.",
     )
+    group.add_argument(
+        "--trio-mode",
+        choices=TRIO_MODES,
+        default=None,
+        help=f"Where pruning takes effect (default {DEFAULT_MODE}): `input` shortens the "
+        "prompt, so kept tokens never see the dropped ones; `layer` shortens it as much "
+        "but hands the side pass's full-context states of the kept tokens (and of the "
+        "text after a single image) to decoder layer L, as the paper prunes inside the LLM.",
+    )
 
 
 def plugin_selected(args: argparse.Namespace) -> bool:
@@ -62,11 +71,13 @@ def trio_config_from_args(args: argparse.Namespace) -> TrioConfig | None:
     """The TRIO settings selected on the command line, or None without ``--plugin trio``."""
     ratio = getattr(args, "trio_keep_ratio", None)
     depth = getattr(args, "trio_depth", None)
+    mode = getattr(args, "trio_mode", None)
     if not plugin_selected(args):
-        if ratio is not None or depth is not None:
-            raise ValueError("--trio-keep-ratio/--trio-depth need --plugin trio")
+        if ratio is not None or depth is not None or mode is not None:
+            raise ValueError("--trio-keep-ratio/--trio-depth/--trio-mode need --plugin trio")
         return None
     return TrioConfig(
         keep_ratio=DEFAULT_KEEP_RATIO if ratio is None else ratio,
         depth=DEFAULT_DEPTH if depth is None else depth,
+        mode=DEFAULT_MODE if mode is None else mode,
     )
