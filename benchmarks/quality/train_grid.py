@@ -596,14 +596,16 @@ class Trainer:
         )
         os.replace(tmp, self.state_path)
 
-    def run(self) -> float:
-        """Train to the end (from wherever the state is); returns training seconds."""
+    def run(self, stop_at: int | None = None) -> float:
+        """Train to the end, or to step ``stop_at`` of both stages, from wherever the
+        state is; returns the training seconds of all runs so far."""
         cfg = self.cfg
         total = cfg.vision_steps + cfg.steps
+        end = total if stop_at is None else min(total, stop_at)
         run_start = time.monotonic()
         base_seconds = self.seconds
         stats: dict[str, list[float]] = {}
-        while self.step < total:
+        while self.step < end:
             if self.step < cfg.vision_steps:
                 record = self._vision_step(self.step)
             else:
@@ -620,7 +622,7 @@ class Trainer:
             probe = cfg.probe_every and self.step % cfg.probe_every == 0
             if probe and self.step > cfg.vision_steps:
                 self._probe()
-            if self.step % cfg.save_every == 0 or self.step == total:
+            if self.step % cfg.save_every == 0 or self.step == end:
                 self._save(seconds)
         return base_seconds + time.monotonic() - run_start
 
@@ -675,6 +677,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--state", type=Path, required=True, help="resumable state (outside git)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        help="stop at this step (vision steps count first) and export that interim model; "
+        "the schedule is the full run's, so the same command without it resumes to the end",
+    )
     for field, value in asdict(defaults).items():
         parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
     args = parser.parse_args(argv)
@@ -688,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters; "
         f"{cfg.vision_steps} vision steps, {cfg.steps} chat steps of {cfg.batch}"
     )
-    seconds = trainer.run()
+    seconds = trainer.run(args.stop_at)
     model, processor = trainer.model.cpu(), trainer.processor
     save_checkpoint(model, processor, args.out)
     reloaded, reloaded_processor = load_checkpoint(args.out)
@@ -705,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
         "spec": SPEC.to_json_dict(),
         "store_dtype": STORE_DTYPE,
         "device": args.device,
+        "step": trainer.step,
+        "planned_steps": cfg.vision_steps + cfg.steps,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_wall_seconds": round(seconds, 1),
         "eval_wall_seconds": round(time.monotonic() - eval_start, 1),
