@@ -1,14 +1,17 @@
 """Answer quality under visual-token pruning: TRIO (three ways) against baselines.
 
-    .venv/bin/python -m benchmarks.quality.harness [--n 96] \
-        [--ratios 1 0.333 0.222 0.111 0.05 0.02] [--model benchmarks/quality/model]
+    .venv/bin/python -m benchmarks.quality.harness [--n 1002] \
+        [--ratios 1 0.333 0.222 0.111 0.05] [--model benchmarks/quality/model] [--quick]
 
-Evaluates the first ``--n`` questions of the generated-scene eval split
-(``benchmarks/quality/scenes.py``) with a small LLaVA-NeXT trained on such
-scenes, and writes ``benchmarks/results/quality.json`` and ``quality.md``: per
-arm and keep ratio, the accuracy per task family, overall, relative to stock
-vLLM's unpruned accuracy, and the mean prompt length. Every arm answers the
-same questions with the same prompts, greedy decoding, the same ``max_tokens``.
+Evaluates the first ``--n`` questions of the eval split of the scenes the
+model was trained on (its ``TRAINING.json`` names the generator:
+``grid_scenes``, or ``scenes`` for the first model), and writes
+``benchmarks/results/quality.json``, ``.md`` and ``.svg``: per arm and keep
+ratio, accuracy per family and overall with 95% intervals, relative to stock
+vLLM's unpruned accuracy, visual tokens per layer, KV tokens per request and
+an exact McNemar test against TRIO in vLLM at the default depth (``table``).
+Every arm answers the same questions with the same prompts, greedy decoding,
+the same ``max_tokens``. ``--quick`` is the CI-sized form.
 
 Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
 
@@ -22,6 +25,10 @@ Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
 * ``trio-ref@L``: the paper-faithful reference, pruning *inside* the LLM at
   layer L (``trio_dev.reference.generate_hf`` with ``Schedule.single(L, k)``):
   layers below L see every token.
+* ``trio-ref-matched@L``: the same, keeping fewer tokens from layer L so that
+  the average visual tokens per layer equal the input arms' k (or reported
+  infeasible); ``trio-ref-multi``: three stages at about layers 1, n/3, n/2
+  shaped like the reference's schedule (``multi_schedule``).
 * ``trio+ve``: the vision-encoder stage (per tile: [CLS]-attention window and
   global picks, dropped tokens merged into kept ones), then TRIO's gradient
   stage at the default depth on the survivors, pruning at the input (HF).
