@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -357,8 +358,14 @@ for _backbone, _kv_heads in (("mistral", 2), ("llama3", 1), ("qwen2", 2)):
 # --------------------------------------------------------------------------- #
 
 
-def build_tokenizer(spec: CheckpointSpec) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    spec: CheckpointSpec, extra_corpus: Sequence[str] = ()
+) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE tokenizer on ``_CORPUS`` and wrap it for transformers.
+
+    ``extra_corpus`` lines are added to the training text (several times, so
+    their words become single tokens): a model trained on a closed vocabulary
+    (the quality benchmark's scenes) then answers with one token per word.
 
     Byte-level BPE (GPT-2 style) round-trips any text exactly, and training on
     a fixed corpus with a fixed vocabulary size is deterministic, so two builds
@@ -378,7 +385,8 @@ def build_tokenizer(spec: CheckpointSpec) -> PreTrainedTokenizerFast:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(_CORPUS.splitlines(), trainer=trainer)
+    lines = _CORPUS.splitlines() + [line for _ in range(20) for line in extra_corpus]
+    backend.train_from_iterator(lines, trainer=trainer)
     if backend.get_vocab_size() != spec.vocab_size:
         raise RuntimeError(
             f"BPE training produced {backend.get_vocab_size()} tokens, expected "

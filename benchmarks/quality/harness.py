@@ -1,14 +1,17 @@
 """Answer quality under visual-token pruning: TRIO (three ways) against baselines.
 
-    .venv/bin/python -m benchmarks.quality.harness [--n 96] \
-        [--ratios 1 0.333 0.222 0.111 0.05 0.02] [--model benchmarks/quality/model]
+    .venv/bin/python -m benchmarks.quality.harness [--n 1002] \
+        [--ratios 1 0.333 0.222 0.111 0.05] [--model benchmarks/quality/model] [--quick]
 
-Evaluates the first ``--n`` questions of the generated-scene eval split
-(``benchmarks/quality/scenes.py``) with a small LLaVA-NeXT trained on such
-scenes, and writes ``benchmarks/results/quality.json`` and ``quality.md``: per
-arm and keep ratio, the accuracy per task family, overall, relative to stock
-vLLM's unpruned accuracy, and the mean prompt length. Every arm answers the
-same questions with the same prompts, greedy decoding, the same ``max_tokens``.
+Evaluates the first ``--n`` questions of the eval split of the scenes the
+model was trained on (its ``TRAINING.json`` names the generator:
+``grid_scenes``, or ``scenes`` for the first model), and writes
+``benchmarks/results/quality.json``, ``.md`` and ``.svg``: per arm and keep
+ratio, accuracy per family and overall with 95% intervals, relative to stock
+vLLM's unpruned accuracy, visual tokens per layer, KV tokens per request and
+an exact McNemar test against TRIO in vLLM at the default depth (``table``).
+Every arm answers the same questions with the same prompts, greedy decoding,
+the same ``max_tokens``. ``--quick`` is the CI-sized form.
 
 Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
 
@@ -26,6 +29,10 @@ Arms (``k = num_kept_tokens(N, r)`` visual tokens of the image's ``N``):
 * ``trio-ref@L``: the paper-faithful reference, pruning *inside* the LLM at
   layer L (``trio_dev.reference.generate_hf`` with ``Schedule.single(L, k)``):
   layers below L see every token.
+* ``trio-ref-matched@L``: the same, keeping fewer tokens from layer L so that
+  the average visual tokens per layer equal the input arms' k (or reported
+  infeasible); ``trio-ref-multi``: three stages at about layers 1, n/3, n/2
+  shaped like the reference's schedule (``multi_schedule``).
 * ``trio+ve``: the vision-encoder stage (per tile: [CLS]-attention window and
   global picks, dropped tokens merged into kept ones), then TRIO's gradient
   stage at the default depth on the survivors, pruning at the input (HF).
@@ -51,14 +58,17 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -96,12 +106,13 @@ from vllm_trio.core import (
     select_visual_tokens,
 )
 
-from .scenes import FAMILIES, Sample, chat_prompt, make_split, normalize_answer
+from .grid_scenes import Sample, chat_prompt
+from .table import ArmResult, markdown, summarise, svg_plot
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_MODEL = ROOT / "benchmarks" / "quality" / "model"
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
-DEFAULT_RATIOS = (1.0, 0.333, 0.222, 0.111, 0.05, 0.02)
+DEFAULT_RATIOS = (1.0, 0.333, 0.222, 0.111, 0.05)
 INPUT_BASELINES = ("random", "grid", "cls-attn", "text-attn", "diversity")
 DEFAULT_ARMS = (
     "stock-vllm",
@@ -109,9 +120,14 @@ DEFAULT_ARMS = (
     "trio-vllm",
     "trio-layer",
     "trio-ref",
+    "trio-ref-matched",
+    "trio-ref-multi",
     "trio+ve",
     *INPUT_BASELINES,
 )
+#: The reference's multi-stage LLaVA-1.5 schedule without VE: layers [1, 10, 15]
+#: of 32 keeping [92, 54, 22] of 576 tokens (an average of 64 = 11.1%).
+REF_MULTI_LAYERS, REF_MULTI_KEEPS, REF_TOKENS, REF_LAYERS = (1, 10, 15), (92, 54, 22), 576, 32
 #: Reference (ocy1/TRIO, LLaVA, CLIP ViT-L/14 with 24 layers): the window
 #: stage reads layer 5's [CLS] attention; scaled to other vision depths.
 REF_SHALLOW_LAYER, REF_VISION_LAYERS = 5, 24
@@ -365,236 +381,6 @@ class HFRunner:
 
 
 # --------------------------------------------------------------------------- #
-# Results
-# --------------------------------------------------------------------------- #
-
-
-@dataclass
-class ArmResult:
-    """One arm at one ratio over every sample (lists aligned with the samples)."""
-
-    arm: str
-    ratio: float
-    depth: int | None = None
-    correct: list[bool] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
-    prompt_tokens: list[int] = field(default_factory=list)
-    kept_visual: list[int] = field(default_factory=list)
-    visual_per_layer: list[float] = field(default_factory=list)
-    seconds: float = 0.0
-
-    def add(self, sample: Sample, text: str, prompt_tokens: int, kept: int, per_layer: float):
-        self.answers.append(normalize_answer(text))
-        self.correct.append(self.answers[-1] == normalize_answer(sample.answer))
-        self.prompt_tokens.append(prompt_tokens)
-        self.kept_visual.append(kept)
-        self.visual_per_layer.append(per_layer)
-
-    @property
-    def accuracy(self) -> float:
-        return sum(self.correct) / max(1, len(self.correct))
-
-
-def _mean(xs: Sequence[float]) -> float:
-    return sum(xs) / max(1, len(xs))
-
-
-def summarise(
-    results: list[ArmResult], samples: list[Sample], num_layers: int
-) -> list[dict[str, Any]]:
-    """Table rows: accuracy per family and overall, relative to ``stock-vllm``."""
-    stock = next((r for r in results if r.arm == "stock-vllm"), None)
-    ref_acc = stock.accuracy if stock else None
-    ref_answers = stock.answers if stock else None
-    rows = []
-    for r in results:
-        by_family = {}
-        for fam in FAMILIES:
-            hits = [c for c, s in zip(r.correct, samples, strict=True) if s.family == fam]
-            by_family[fam] = _mean(hits) if hits else None
-        acc = r.accuracy
-        n = len(r.correct)
-        rows.append(
-            {
-                "arm": r.arm,
-                "ratio": r.ratio,
-                "depth": r.depth,
-                "n": n,
-                "accuracy": acc,
-                "ci95": 1.96 * math.sqrt(acc * (1 - acc) / n) if n else None,
-                "relative": acc / ref_acc if ref_acc else None,
-                # Fidelity: same answer as unpruned stock vLLM (right or wrong).
-                "agreement": (
-                    _mean([a == b for a, b in zip(r.answers, ref_answers, strict=True)])
-                    if ref_answers is not None
-                    else None
-                ),
-                "by_family": by_family,
-                "mean_prompt_tokens": _mean(r.prompt_tokens),
-                "mean_kept_visual": _mean(r.kept_visual),
-                "mean_visual_per_layer": _mean(r.visual_per_layer),
-                "side_pass_cost": (
-                    (r.depth + 0.5) / num_layers
-                    if r.depth is not None
-                    and r.arm.startswith(("trio-vllm", "trio-layer", "trio-hf", "trio+ve"))
-                    else None
-                ),
-                "seconds": r.seconds,
-                "correct": "".join("1" if c else "0" for c in r.correct),
-                "answers": r.answers,
-            }
-        )
-    return rows
-
-
-def _fmt(x: float | None, pct: bool = True) -> str:
-    if x is None:
-        return "–"
-    return f"{100 * x:.1f}" if pct else f"{x:.1f}"
-
-
-def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
-    """The results table plus the comparisons the issue asks for."""
-    lines = [
-        "# Quality under visual-token pruning",
-        "",
-        f"Model: `{meta['model']}` ({meta['model_kind']}); {meta['n']} eval questions "
-        f"(seed {meta['seed']}), {meta['num_layers']} decoder layers, greedy, "
-        f"max_tokens={meta['max_tokens']}; runtime {meta['runtime_s'] / 60:.1f} min "
-        f"on {meta['host']} (load average {meta['load_avg_start'][0]:.1f} at the start, "
-        f"{meta['load_avg_end'][0]:.1f} at the end).",
-        "",
-        "Accuracy in %; `rel` = accuracy / stock-vllm's unpruned accuracy; `k` = mean "
-        "visual tokens kept at the input; `vis/layer` = mean visual tokens per decoder "
-        "layer (differs from k only for trio-ref, which prunes inside the LLM); "
-        "`±` = 95% binomial half-width; `agree` = same answer as unpruned stock vLLM.",
-        "",
-        "| arm | ratio | k | vis/layer | prompt | "
-        + " | ".join(FAMILIES)
-        + " | overall | ± | rel | agree |",
-        "|---|---|---|---|---|" + "---|" * len(FAMILIES) + "---|---|---|---|",
-    ]
-    for r in rows:
-        fams = " | ".join(_fmt(r["by_family"][f]) for f in FAMILIES)
-        lines.append(
-            f"| {r['arm']} | {r['ratio']:g} | {r['mean_kept_visual']:.1f} | "
-            f"{r['mean_visual_per_layer']:.1f} | {r['mean_prompt_tokens']:.1f} | {fams} | "
-            f"{_fmt(r['accuracy'])} | {_fmt(r['ci95'])} | {_fmt(r['relative'])} | "
-            f"{_fmt(r['agreement'])} |"
-        )
-    lines += ["", *comparisons(rows, meta)]
-    return "\n".join(lines) + "\n"
-
-
-def comparisons(rows: list[dict[str, Any]], meta: dict[str, Any]) -> list[str]:
-    """TRIO vs baselines at the headline ratio; input vs in-LLM pruning per depth."""
-    by_key = {(r["arm"], r["ratio"]): r for r in rows}
-    out: list[str] = []
-    stock, hf = by_key.get(("stock-vllm", 1.0)), by_key.get(("hf-unpruned", 1.0))
-    if stock and hf:
-        same = sum(a == b for a, b in zip(stock["correct"], hf["correct"], strict=True))
-        out += [
-            "## Unpruned: HF vs stock vLLM",
-            "",
-            f"stock-vllm {_fmt(stock['accuracy'])}%, hf-unpruned {_fmt(hf['accuracy'])}%; "
-            f"same correctness on {same}/{stock['n']} questions.",
-            "",
-        ]
-    headline = 0.111
-    at = [r for r in rows if math.isclose(r["ratio"], headline)]
-    if at:
-        out += [
-            f"## Relative accuracy at ratio {headline}",
-            "",
-            "| arm | rel | overall | agree |",
-            "|---|---|---|---|",
-        ]
-        for r in sorted(at, key=lambda r: -(r["accuracy"])):
-            out.append(
-                f"| {r['arm']} | {_fmt(r['relative'])} | {_fmt(r['accuracy'])} | "
-                f"{_fmt(r['agreement'])} |"
-            )
-        out.append("")
-    pairs = []
-    for r in rows:
-        if not r["arm"].startswith("trio-vllm@"):
-            continue
-        ref = by_key.get((f"trio-ref@{r['depth']}", r["ratio"]))
-        if ref is None:
-            continue
-        wins = sum(a == "1" and b == "0" for a, b in zip(r["correct"], ref["correct"], strict=True))
-        losses = sum(
-            a == "0" and b == "1" for a, b in zip(r["correct"], ref["correct"], strict=True)
-        )
-        pairs.append(
-            f"| {r['depth']} | {r['ratio']:g} | {_fmt(r['accuracy'])} | {_fmt(ref['accuracy'])} | "
-            f"{100 * (r['accuracy'] - ref['accuracy']):+.1f} | {wins}/{losses} | "
-            f"{mcnemar_p(wins, losses):.3f} | {_fmt(r['side_pass_cost'])} |"
-        )
-    if pairs:
-        out += [
-            "## Pruning at the input (trio-vllm@L) vs inside the LLM (trio-ref@L)",
-            "",
-            "`Δ` = input − reference in points; `only/only` = questions only the input "
-            "arm / only the reference got right; `p` = exact McNemar test on those; "
-            "`side cost` = (L + 0.5) / num_layers of an unpruned prefill, in %.",
-            "",
-            "| L | ratio | trio-vllm | trio-ref | Δ | only/only | p | side cost |",
-            "|---|---|---|---|---|---|---|---|",
-            *pairs,
-            "",
-        ]
-    out += layer_mode_comparisons(by_key, rows)
-    return out
-
-
-def mcnemar_p(only_a: int, only_b: int) -> float:
-    """Exact two-sided McNemar p-value (binomial test on the discordant pairs)."""
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, i) for i in range(min(only_a, only_b) + 1)) / 2**n
-    return min(1.0, 2 * tail)
-
-
-def layer_mode_comparisons(by_key: dict, rows: list[dict[str, Any]]) -> list[str]:
-    """Layer mode against input mode and against the in-LLM reference, paired per question."""
-    lines = []
-    for r in rows:
-        if not r["arm"].startswith("trio-layer@"):
-            continue
-        for other in (f"trio-vllm@{r['depth']}", f"trio-ref@{r['depth']}"):
-            o = by_key.get((other, r["ratio"]))
-            if o is None:
-                continue
-            pairs = list(zip(r["correct"], o["correct"], strict=True))
-            only_l = sum(a == "1" and b == "0" for a, b in pairs)
-            only_o = sum(a == "0" and b == "1" for a, b in pairs)
-            same = _mean([a == b for a, b in zip(r["answers"], o["answers"], strict=True)])
-            lines.append(
-                f"| {r['depth']} | {r['ratio']:g} | {other} | {_fmt(r['accuracy'])} | "
-                f"{_fmt(o['accuracy'])} | {100 * (r['accuracy'] - o['accuracy']):+.1f} | "
-                f"{only_l}/{only_o} | {mcnemar_p(only_l, only_o):.3f} | {_fmt(same)} |"
-            )
-    if not lines:
-        return []
-    return [
-        "## Layer mode (trio-layer@L) vs input mode and vs the in-LLM reference",
-        "",
-        "`Δ` = layer − other in points; `only/only` = questions only layer mode / only "
-        "the other arm got right; `p` = exact McNemar test on those; `same answer` = "
-        "identical greedy answer (layer mode's first token equals the reference's, so "
-        "against trio-ref a difference comes from decoding, where new tokens read the "
-        "k kept tokens' KV below L instead of all N).",
-        "",
-        "| L | ratio | other | trio-layer | other acc | Δ | only/only | p | same answer |",
-        "|---|---|---|---|---|---|---|---|---|",
-        *lines,
-        "",
-    ]
-
-
-# --------------------------------------------------------------------------- #
 # Arms
 # --------------------------------------------------------------------------- #
 
@@ -653,7 +439,7 @@ def run_vllm(
             for s, o in zip(samples, outs, strict=True):
                 n_prompt = len(o.prompt_token_ids)
                 # Visual tokens kept = prompt minus the text (same text as HF's).
-                res.add(s, o.outputs[0].text, n_prompt, -1, -1.0)
+                res.add(s, o.outputs[0].text, n_prompt, -1, -1.0, -1.0)
             res.seconds = time.perf_counter() - t0
             results.append(res)
             log(start, f"{name} r={ratio:g}: acc {100 * res.accuracy:.1f}% ({res.seconds:.0f}s)")
@@ -694,19 +480,32 @@ def run_hf_input_arm(
         keep, visual = select(prep, k)
         embeds = hf.pruned_embeds(prep, keep, visual)
         text = hf.decode(hf.generate(embeds))
-        res.add(prep.sample, text, embeds.shape[0], int(keep.numel()), float(keep.numel()))
+        kept = int(keep.numel())
+        res.add(prep.sample, text, embeds.shape[0], kept, float(kept), float(embeds.shape[0]))
     res.seconds = time.perf_counter() - t0
     return res
 
 
-def run_trio_ref(hf: HFRunner, ratio: float, depth: int, prepared: list[Prepared]) -> ArmResult:
-    """The paper-faithful arm: prune inside the LLM at layer ``depth``."""
-    res = ArmResult(f"trio-ref@{depth}", ratio, depth)
+def run_trio_ref(
+    hf: HFRunner,
+    name: str,
+    ratio: float,
+    depth: int | None,
+    prepared: list[Prepared],
+    schedule_for: Callable[[int, int], Schedule | None],
+) -> ArmResult:
+    """A paper-faithful arm: prune inside the LLM, ``schedule_for(N, k)`` per question.
+
+    ``k = num_kept_tokens(N, ratio)`` is the input arms' budget at this ratio;
+    a schedule of None means the arm cannot reach it (``ArmResult.infeasible``).
+    """
+    res = ArmResult(name, ratio, depth)
     t0 = time.perf_counter()
     for prep in prepared:
         n = prep.num_visual
-        k = num_kept_tokens(n, ratio)
-        schedule = Schedule.single(depth, k)
+        schedule = schedule_for(n, num_kept_tokens(n, ratio))
+        if schedule is None:
+            return ArmResult(name, ratio, depth, infeasible=_infeasible(hf.num_layers, depth))
         tokens = generate_hf(
             hf.model,
             prep.input_ids,
@@ -717,9 +516,64 @@ def run_trio_ref(hf: HFRunner, ratio: float, depth: int, prepared: list[Prepared
             eos_token_id=hf.eos,
         )
         per_layer = schedule.average_kept(n, hf.num_layers)
-        res.add(prep.sample, hf.decode(tokens), prep.input_ids.numel(), k, per_layer)
+        text_tokens = prep.input_ids.numel() - n
+        kept = min(n, schedule.stages[-1].keep)
+        res.add(
+            prep.sample, hf.decode(tokens), prep.input_ids.numel(), kept, per_layer,
+            text_tokens + per_layer,
+        )  # fmt: skip
     res.seconds = time.perf_counter() - t0
     return res
+
+
+def _infeasible(num_layers: int, depth: int | None) -> str:
+    below = "layer 0" if depth is None else f"layers 0..{depth - 1}"
+    return f"all N tokens in {below} already exceed the average per layer ({num_layers} layers)"
+
+
+def matched_schedule(depth: int, num_layers: int) -> Callable[[int, int], Schedule | None]:
+    """Single stage at ``depth`` keeping k' so that the average per layer equals k.
+
+    ``(depth * N + (num_layers - depth) * k') / num_layers = k``; None when even
+    k' = 1 would exceed it (the layers below ``depth`` alone hold too many).
+    """
+
+    def schedule_for(n: int, k: int) -> Schedule | None:
+        if depth == 0:
+            return Schedule.single(0, k)
+        kept = math.floor((num_layers * k - depth * n) / (num_layers - depth))
+        return Schedule.single(depth, min(n, kept)) if kept >= 1 else None
+
+    return schedule_for
+
+
+def multi_stage_layers(num_layers: int) -> tuple[int, int, int]:
+    """The reference's stage layers [1, 10, 15] of 32 scaled: about 1, n/3, n/2."""
+    third, half = max(2, round(num_layers / 3)), max(3, num_layers // 2)
+    return 1, third, max(half, third + 1)
+
+
+def multi_schedule(num_layers: int) -> Callable[[int, int], Schedule | None]:
+    """Three stages shaped like the reference's (counts 92 : 54 : 22), averaging k per layer.
+
+    The counts are scaled by one factor so that the average over layers equals
+    the input arms' k. Where that is impossible (layer 0 alone holds all N), the
+    reference's own fractions of N are used (16.0%, 9.4%, 3.8% of the tokens,
+    an average of 11.1% on its 32 layers), and the row's vis/layer says what
+    that costs on this model.
+    """
+    layers = multi_stage_layers(num_layers)
+    spans = [b - a for a, b in zip(layers, [*layers[1:], num_layers], strict=True)]
+    weight = sum(c * s for c, s in zip(REF_MULTI_KEEPS, spans, strict=True))
+
+    def schedule_for(n: int, k: int) -> Schedule | None:
+        scale = (num_layers * k - layers[0] * n) / weight
+        if scale * REF_MULTI_KEEPS[-1] < 1:
+            scale = n / REF_TOKENS
+        keeps = [max(1, min(n, round(c * scale))) for c in REF_MULTI_KEEPS]
+        return Schedule.from_lists(layers, keeps)
+
+    return schedule_for
 
 
 def baseline_selectors(
@@ -770,9 +624,17 @@ def resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, dict[
     return path, "trained on generated scenes", json.loads(marker.read_text())
 
 
+def scene_generator(training: dict[str, Any]) -> ModuleType:
+    """The scene module a checkpoint was trained on (its TRAINING.json ``generator``).
+
+    The first scene model predates the field: ``benchmarks.quality.scenes``.
+    """
+    return importlib.import_module(training.get("generator", "benchmarks.quality.scenes"))
+
+
 def default_depths(num_layers: int) -> list[int]:
     """The plugin's default depth plus shallower and deeper ones the model has."""
-    wanted = {0, 1, DEFAULT_DEPTH, 4}
+    wanted = {0, 1, DEFAULT_DEPTH, num_layers // 4}
     return sorted(d for d in wanted if 0 <= d < num_layers)
 
 
@@ -784,7 +646,13 @@ def answer_token_budget(tokenizer: Any, samples: list[Sample]) -> int:
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--n", type=int, default=96, help="eval questions (first n of the split)")
+    ap.add_argument("--n", type=int, default=1002, help="eval questions (first n of the split)")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="CI-sized run: 24 questions, ratios 1 and 0.111, the default depth, every arm; "
+        "writes under the temp directory unless --out is given",
+    )
     ap.add_argument("--seed", type=int, default=0, help="eval split seed and random-arm seed")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     ap.add_argument("--model", default=str(DEFAULT_MODEL))
@@ -801,8 +669,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--fastv-k", type=int, default=2, help="text-attn: attention of layer K")
     ap.add_argument("--max-tokens", type=int, help="default: longest answer + EOS")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the HF arms")
-    ap.add_argument("--out", default=str(DEFAULT_OUT), help="output stem (.json, .md)")
+    ap.add_argument("--out", help=f"output stem (.json, .md, .svg); default {DEFAULT_OUT}")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.n, args.ratios = 24, [1.0, 0.111]
+        args.depths = args.depths or [DEFAULT_DEPTH]
+        args.out = args.out or str(Path(tempfile.gettempdir()) / "trio-quality-quick")
+    args.out = args.out or str(DEFAULT_OUT)
     unknown = set(args.arms) - set(DEFAULT_ARMS) - {"trio-hf"}
     if unknown:
         ap.error(f"unknown arms: {sorted(unknown)}")
@@ -825,7 +698,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     pruned_ratios = [r for r in ratios if r < 1.0]
     with tempfile.TemporaryDirectory(prefix="trio-quality-") as tmp:
         model_dir, kind, training = resolve_model(args, Path(tmp))
-        samples = make_split("eval", args.n, args.seed)
+        generator = scene_generator(training)
+        families = generator.FAMILIES
+        samples = generator.make_split("eval", args.n, args.seed)
         log(start, f"{len(samples)} eval samples; model {model_dir} ({kind})")
         hf = HFRunner(model_dir, max_new_tokens=1, fastv_k=args.fastv_k)
         max_tokens = args.max_tokens or answer_token_budget(hf.tokenizer, samples)
@@ -876,17 +751,22 @@ def main(argv: Sequence[str] | None = None) -> int:
                     start, f"{name} r={ratio:g}: acc {100 * res.accuracy:.1f}% ({res.seconds:.0f}s)"
                 )
 
-        if "trio-ref" in arms:
-            for d in depths:
+        ref_arms = {
+            "trio-ref": [(d, lambda n, k, d=d: Schedule.single(d, k)) for d in depths],
+            "trio-ref-matched": [(d, matched_schedule(d, hf.num_layers)) for d in depths],
+            "trio-ref-multi": [(None, multi_schedule(hf.num_layers))],
+        }
+        for base, variants in ref_arms.items():
+            if base not in arms:
+                continue
+            for d, schedule_for in variants:
+                name = base if d is None else f"{base}@{d}"
                 for ratio in pruned_ratios:
-                    res = run_trio_ref(hf, ratio, d, prepared)
+                    res = run_trio_ref(hf, name, ratio, d, prepared, schedule_for)
                     results.append(res)
-                    timings[f"trio-ref@{d}"] = timings.get(f"trio-ref@{d}", 0.0) + res.seconds
-                    log(
-                        start,
-                        f"trio-ref@{d} r={ratio:g}: acc {100 * res.accuracy:.1f}% "
-                        f"({res.seconds:.0f}s)",
-                    )
+                    timings[name] = timings.get(name, 0.0) + res.seconds
+                    note = res.infeasible or f"acc {100 * res.accuracy:.1f}%"
+                    log(start, f"{name} r={ratio:g}: {note} ({res.seconds:.0f}s)")
 
         # vLLM last: an in-process CPU engine pins OpenMP threads and disables
         # torch.set_num_threads for the rest of the process.
@@ -912,7 +792,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _fill_vllm_kept(results, prepared)
 
         results.sort(key=_order)
-        rows = summarise(results, samples, hf.num_layers)
+        product = f"trio-vllm@{DEFAULT_DEPTH}"
+        rows = summarise(results, samples, families, hf.num_layers, product)
         meta = {
             "model": str(model_dir if not args.tiny else "tiny (random)"),
             "model_kind": kind,
@@ -922,12 +803,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratios": ratios,
             "depths": depths,
             "default_depth": DEFAULT_DEPTH,
+            "product": product,
+            "command": "python -m benchmarks.quality.harness " + " ".join(argv or sys.argv[1:]),
+            "multi_stage_layers": multi_stage_layers(hf.num_layers),
             "ve_depth": args.ve_depth,
             "ve_factor": args.ve_factor,
             "fastv_k": args.fastv_k,
             "num_layers": hf.num_layers,
             "max_tokens": max_tokens,
-            "visual_tokens": {"min": min(n_vis), "max": max(n_vis), "mean": _mean(n_vis)},
+            "visual_tokens": {
+                "min": min(n_vis),
+                "max": max(n_vis),
+                "mean": sum(n_vis) / len(n_vis),
+            },
             "timings_s": timings,
             "runtime_s": time.perf_counter() - start,
             "host": f"{os.cpu_count()} CPU cores, torch {torch.__version__}",
@@ -938,8 +826,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
-    table = markdown(rows, meta)
+    table = markdown(rows, meta, families)
     out.with_suffix(".md").write_text(table)
+    title = f"{meta['n']} questions, {meta['num_layers']} layers: accuracy vs visual tokens/layer"
+    out.with_suffix(".svg").write_text(svg_plot(rows, title))
     print(table)
     log(start, f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
     _freeze_heap()
@@ -986,6 +876,7 @@ def _fill_vllm_kept(results: list[ArmResult], prepared: list[Prepared]) -> None:
                 )
             res.kept_visual[i] = kept
             res.visual_per_layer[i] = float(kept)
+            res.kv_tokens[i] = float(res.prompt_tokens[i])
 
 
 def _order(r: ArmResult) -> tuple[int, int, float]:
@@ -996,6 +887,8 @@ def _order(r: ArmResult) -> tuple[int, int, float]:
         "trio-vllm",
         "trio-layer",
         "trio-ref",
+        "trio-ref-matched",
+        "trio-ref-multi",
         "trio-hf",
         "trio+ve",
     ]

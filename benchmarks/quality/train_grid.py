@@ -1,0 +1,738 @@
+"""Train the quality benchmark's LLaVA-NeXT on grid scenes (seeded, resumable, CPU or CUDA).
+
+    .venv/bin/python -m benchmarks.quality.train_grid --state /work/ckpt/grid \\
+        [--out benchmarks/quality/model] [--device cuda] [--stop-at STEP]
+
+Rerunning the same command resumes from ``--state`` (checked: a run stopped
+with ``--stop-at`` and resumed wrote bit-identical weights to an uninterrupted
+one). ``--stop-at`` exports an interim model without changing the schedule.
+
+Pruning can only be judged on a model that has learned to read its image
+(DESIGN.md section 4). This trains, from scratch, a LLaVA-NeXT of exactly the
+architecture vLLM serves (CLIP tower, MLP projector, Llama decoder, anyres
+tiles, image newlines) on ``grid_scenes`` and writes a checkpoint that HF and
+vLLM 0.32 both load (``trio_dev.checkpoints`` weight layout).
+
+Why it looks the way it does (the previous model's failure is in
+``benchmarks/quality/README.md``):
+
+* **Geometry.** 128-px tiles of 16-px patches (8x8 tokens per tile), pinpoints
+  2x2, 3x2, 2x3, 3x3 tiles: 336-664 visual tokens per image (482 on average
+  over the four grids). Scene cells are patches, so one token sees one whole
+  object: its colour and shape are in that token, nowhere else.
+* **Per-token supervision, linear.** Every visual token (projector output) is
+  trained to say, through *linear* heads, what is on its cell (colour, shape,
+  letter) and on its four neighbours' cells (for relations). Linear, so that
+  the language model's attention can match a question's words against the
+  tokens with one dot product. The heads are dropped when saving.
+* **Stages.** (1) tower + projector + heads alone (``vision_steps``), so the
+  tokens are readable before the decoder starts; (2) everything, answer loss
+  plus the token loss. The first ``easy_fraction`` of stage 2 uses scenes with
+  at most two objects besides those the question needs.
+* **Multi-turn chats.** Each image carries its split question (the eval prompt
+  verbatim) and ``extra_turns`` more questions as later turns: one image
+  encoding and one pass over its ~480 visual tokens supervise many answers.
+* **One token per answer.** The tokenizer is trained with the scenes'
+  vocabulary (``grid_scenes.vocabulary_text``), so every answer is one token
+  plus ``</s>`` ("yes"/"no" were two tokens each in the old tokenizer).
+* **Resumable.** ``--state DIR`` keeps the full training state (weights,
+  heads, optimiser, step, history) every ``save_every`` steps; rerunning the
+  same command continues from it. Data is indexed by step, so a resumed run
+  sees exactly the data of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch
+import torch.nn.functional as F
+
+from trio_dev.checkpoints import (
+    EOS_TOKEN,
+    WEIGHTS_NAME,
+    CheckpointSpec,
+    _finish_tokenizer_config,
+    _save_weights,
+    build_config,
+    build_processor,
+    build_tokenizer,
+)
+
+from .grid_scenes import (
+    CELL,
+    COLOURS,
+    FAMILIES,
+    LETTERS,
+    RELATIONS,
+    SHAPES,
+    TILE,
+    Sample,
+    Scene,
+    Turn,
+    chat_prompt,
+    make_conversation,
+    make_split,
+    normalize_answer,
+    vocabulary_text,
+)
+
+if TYPE_CHECKING:
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "benchmarks" / "quality" / "model"
+
+SPEC = CheckpointSpec(
+    name="grid-scenes",
+    hidden_size=128,
+    num_hidden_layers=8,
+    num_attention_heads=4,  # head size 32: vLLM's CPU attention needs a multiple of 32
+    num_key_value_heads=4,
+    intermediate_size=352,
+    max_position_embeddings=2048,
+    vision_image_size=TILE,
+    vision_patch_size=CELL,
+    vision_hidden_size=128,
+    vision_num_hidden_layers=3,  # feature layer -2: the last layer is unused, as in LLaVA
+    vision_num_attention_heads=4,
+    vision_intermediate_size=512,
+    image_grid_pinpoints=((256, 256), (256, 384), (384, 256), (384, 384)),
+    dtype="float32",
+    text_init_std=0.02,
+)
+STORE_DTYPE = "float16"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters (all recorded in TRAINING.json); the defaults are the run
+    that trains ``benchmarks/quality/model``."""
+
+    seed: int = 0
+    steps: int = 1200
+    batch: int = 5
+    extra_turns: int = 18
+    easy_fraction: float = 0.15
+    easy_objects: int = 2
+    lr: float = 2e-3
+    warmup: int = 50
+    decay_fraction: float = 0.3
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    aux_weight: float = 0.5
+    vision_steps: int = 250
+    vision_batch: int = 8
+    vision_lr: float = 2e-3
+    eval_n: int = 600
+    test_n: int = 48
+    save_every: int = 100
+    probe_every: int = 200
+    probe_n: int = 96
+
+
+# --------------------------------------------------------------------------- #
+# Per-token labels
+# --------------------------------------------------------------------------- #
+
+#: (name, classes) of each label channel; class 0 is "nothing".
+_DIRECTIONS: tuple[tuple[str, tuple[int, int]], ...] = tuple(
+    (name.split()[0], (-dx, -dy)) for name, (dx, dy) in RELATIONS.items()
+)
+CHANNELS: tuple[tuple[str, int], ...] = (
+    ("colour", len(COLOURS) + 1),
+    ("shape", len(SHAPES) + 1),
+    ("letter", len(LETTERS) + 1),
+    *(
+        (f"{side}-{what}", n)
+        for side, _ in _DIRECTIONS
+        for what, n in (("colour", len(COLOURS) + 1), ("shape", len(SHAPES) + 1))
+    ),
+)
+
+
+def _classes(scene: Scene, cell: tuple[int, int]) -> tuple[int, int, int]:
+    thing = scene.cells.get(cell)
+    if thing is None:
+        return 0, 0, 0
+    if thing.kind == "letter":
+        return 0, 0, LETTERS.index(thing.letter) + 1
+    return list(COLOURS).index(thing.colour) + 1, SHAPES.index(thing.shape) + 1, 0
+
+
+def token_labels(scene: Scene) -> torch.Tensor:
+    """Labels of every visual token of ``scene``'s tiles: (tiles, patches, channels), long.
+
+    Tile 0 is the base image (the whole scene squeezed into one tile): -100
+    (not supervised). High-resolution tile ``k`` is tile ``k - 1`` of the grid
+    in row-major order, its patch ``p`` the cell ``(8 tx + p % 8, 8 ty + p // 8)``.
+    Neighbour channels of a cell whose neighbour lies in another tile are -100:
+    a tile is encoded alone, so its tokens cannot see across its border.
+    """
+    side = TILE // CELL
+    tiles_x, tiles_y = scene.width // TILE, scene.height // TILE
+    labels = torch.full((1 + tiles_x * tiles_y, side * side, len(CHANNELS)), -100)
+    for k in range(tiles_x * tiles_y):
+        ty, tx = divmod(k, tiles_x)
+        for p in range(side * side):
+            pr, pc = divmod(p, side)
+            c, r = tx * side + pc, ty * side + pr
+            row = list(_classes(scene, (c, r)))
+            for _, (dx, dy) in _DIRECTIONS:
+                nc, nr = c + dx, r + dy
+                if (
+                    nc // side != tx
+                    or nr // side != ty
+                    or not (0 <= nc < scene.cols and 0 <= nr < scene.rows)
+                ):
+                    row += [-100, -100]
+                else:
+                    row += list(_classes(scene, (nc, nr))[:2])
+            labels[1 + k, p] = torch.tensor(row)
+    return labels
+
+
+class TokenHeads(torch.nn.Module):
+    """Training-only linear read-outs of every visual token (never saved)."""
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for _, n in CHANNELS)
+
+    def loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, list[float]]:
+        """Balanced cross-entropy (mean over "nothing" plus mean over the rest) per channel,
+        and per channel the accuracy on labelled non-empty tokens."""
+        flat = tokens.reshape(-1, tokens.shape[-1])
+        labels = labels.reshape(-1, labels.shape[-1]).to(tokens.device)
+        total = flat.new_zeros(())
+        accuracy = []
+        for c, head in enumerate(self.heads):
+            target = labels[:, c]
+            known = target >= 0
+            logits = head(flat[known]).float()
+            target = target[known]
+            obj = target > 0
+            total = total + F.cross_entropy(logits[~obj], target[~obj])
+            if obj.any():
+                total = total + F.cross_entropy(logits[obj], target[obj])
+                accuracy.append((logits[obj].argmax(-1) == target[obj]).float().mean().item())
+            else:
+                accuracy.append(float("nan"))
+        return total / len(self.heads), accuracy
+
+
+# --------------------------------------------------------------------------- #
+# Data
+# --------------------------------------------------------------------------- #
+
+
+@dataclass
+class Batch:
+    """One right-padded batch (labels -100 outside answers)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    pixel_values: torch.Tensor
+    image_sizes: torch.Tensor
+    token_labels: torch.Tensor
+    #: (row, position, family) of every answer's token.
+    answers: list[tuple[int, int, str]]
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch(
+            self.input_ids.to(device),
+            self.attention_mask.to(device),
+            self.labels.to(device),
+            self.pixel_values.to(device),
+            self.image_sizes.to(device),
+            self.token_labels,
+            self.answers,
+        )
+
+
+def build_scene_processor() -> LlavaNextProcessor:
+    """The processor (tokenizer with the scenes' vocabulary) saved with the checkpoint."""
+    return build_processor(SPEC, build_tokenizer(SPEC, vocabulary_text()))
+
+
+def encode_conversation(
+    processor: LlavaNextProcessor, sample: Sample, extra: Sequence[Turn]
+) -> tuple[list[int], list[int], torch.Tensor, torch.Tensor, list[tuple[int, str]]]:
+    """Token ids, labels, pixel values, image size and answer positions of one chat.
+
+    The first turn is ``chat_prompt(question)`` as at evaluation time; later
+    turns follow the chat template (``" {answer}</s>"``, then
+    ``"USER: {question} ASSISTANT:"``), tokenized piecewise at pre-tokenizer
+    boundaries (``check_tokenization`` verifies the ids equal the whole string's).
+    """
+    tokenizer = processor.tokenizer
+    enc = processor(images=sample.image, text=chat_prompt(sample.question), return_tensors="pt")
+    ids: list[int] = enc["input_ids"][0].tolist()
+    labels = [-100] * len(ids)
+    starts: list[tuple[int, str]] = []
+    for i, turn in enumerate([Turn(sample.question, sample.answer, sample.family), *extra]):
+        if i > 0:
+            prompt = tokenizer(f"USER: {turn.question} ASSISTANT:", add_special_tokens=False)
+            ids += prompt["input_ids"]
+            labels += [-100] * len(prompt["input_ids"])
+        answer = tokenizer(f" {turn.answer}{EOS_TOKEN}", add_special_tokens=False)["input_ids"]
+        starts.append((len(ids), turn.family))
+        ids += answer
+        labels += answer
+    return ids, labels, enc["pixel_values"][0], enc["image_sizes"][0], starts
+
+
+def conversation_text(sample: Sample, extra: Sequence[Turn]) -> str:
+    """The whole chat as one string (what ``encode_conversation`` tokenizes piecewise)."""
+    text = f"{chat_prompt(sample.question)} {sample.answer}{EOS_TOKEN}"
+    for turn in extra:
+        text += f"USER: {turn.question} ASSISTANT: {turn.answer}{EOS_TOKEN}"
+    return text
+
+
+def check_tokenization(processor: LlavaNextProcessor, seed: int) -> None:
+    """Piecewise tokenization equals the whole chat's; ``chat_prompt`` equals the template's."""
+    sample, extra = make_conversation("train", 0, seed, 3)
+    ids = encode_conversation(processor, sample, extra)[0]
+    whole = processor(images=sample.image, text=conversation_text(sample, extra))["input_ids"][0]
+    if list(whole) != ids:
+        raise RuntimeError("piecewise tokenization differs from whole-string tokenization")
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": sample.question}]}
+    ]
+    tokenizer = processor.tokenizer
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    if rendered != tokenizer.bos_token + chat_prompt(sample.question):
+        raise RuntimeError(f"chat_prompt differs from the chat template: {rendered!r}")
+    for word in vocabulary_answers():
+        if len(tokenizer(f" {word}", add_special_tokens=False)["input_ids"]) != 1:
+            raise RuntimeError(f"answer {word!r} is not one token")
+
+
+def vocabulary_answers() -> list[str]:
+    """Every answer word of every family."""
+    from .grid_scenes import COUNT_WORDS
+
+    return [*COLOURS, *SHAPES, *LETTERS, *COUNT_WORDS[1:], "yes", "no"]
+
+
+def make_batch(processor: LlavaNextProcessor, step: int, cfg: TrainConfig) -> Batch:
+    """Batch ``step``: train conversations ``step*B .. step*B+B-1``."""
+    easy = step < cfg.easy_fraction * cfg.steps
+    rows, token_rows = [], []
+    for index in range(step * cfg.batch, (step + 1) * cfg.batch):
+        sample, extra = make_conversation(
+            "train", index, cfg.seed, cfg.extra_turns, cfg.easy_objects if easy else None
+        )
+        rows.append(encode_conversation(processor, sample, extra))
+        token_rows.append(token_labels(sample.scene))
+    length = max(len(r[0]) for r in rows)
+    tiles = max(r[2].shape[0] for r in rows)
+    input_ids = torch.full((len(rows), length), processor.tokenizer.pad_token_id)
+    labels = torch.full((len(rows), length), -100)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    pixels = torch.zeros((len(rows), tiles, *rows[0][2].shape[1:]))
+    answers = []
+    for i, (ids, lab, pix, _, starts) in enumerate(rows):
+        answers += [(i, pos, family) for pos, family in starts]
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+        labels[i, : len(lab)] = torch.tensor(lab)
+        mask[i, : len(ids)] = 1
+        pixels[i, : pix.shape[0]] = pix
+    sizes = torch.stack([r[3] for r in rows])
+    return Batch(input_ids, mask, labels, pixels, sizes, torch.cat(token_rows), answers)
+
+
+# --------------------------------------------------------------------------- #
+# Model and losses
+# --------------------------------------------------------------------------- #
+
+
+def build_model(seed: int) -> LlavaNextForConditionalGeneration:
+    """Seeded fresh model with transformers' initialisers."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    torch.manual_seed(seed)
+    return LlavaNextForConditionalGeneration(build_config(SPEC))
+
+
+def chat_losses(
+    model: LlavaNextForConditionalGeneration, batch: Batch, heads: TokenHeads
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[int, int]]]:
+    """Answer cross-entropy, token loss, and per family (answers right, answers)."""
+    captured: list[torch.Tensor] = []
+    hook = model.model.multi_modal_projector.register_forward_hook(
+        lambda _m, _i, output: captured.append(output)
+    )
+    try:
+        out = model.model(
+            input_ids=batch.input_ids,
+            attention_mask=batch.attention_mask,
+            pixel_values=batch.pixel_values,
+            image_sizes=batch.image_sizes,
+            use_cache=False,
+        )
+    finally:
+        hook.remove()
+    hidden = out.last_hidden_state[:, :-1]
+    targets = batch.labels[:, 1:]
+    keep = targets != -100
+    loss = F.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep])
+    visual = heads.loss(captured[0], batch.token_labels)[0]
+    with torch.no_grad():
+        rows = torch.tensor([r for r, _, _ in batch.answers])
+        pos = torch.tensor([p for _, p, _ in batch.answers])
+        first = model.lm_head(out.last_hidden_state[rows, pos - 1]).argmax(-1)
+        hits = (first == batch.input_ids[rows, pos]).tolist()
+    counts: dict[str, tuple[int, int]] = {}
+    for (_, _, family), hit in zip(batch.answers, hits, strict=True):
+        c, t = counts.get(family, (0, 0))
+        counts[family] = (c + int(hit), t + 1)
+    return loss, visual, counts
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Warm-up, constant, then linear decay to ``min_lr_ratio * lr``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    decay_start = cfg.steps * (1 - cfg.decay_fraction)
+    if step < decay_start:
+        return cfg.lr
+    progress = (step - decay_start) / max(1.0, cfg.steps - decay_start)
+    return cfg.lr * (1 - (1 - cfg.min_lr_ratio) * progress)
+
+
+def make_optimizer(params: list[tuple[str, torch.nn.Parameter]], cfg: TrainConfig):
+    decay = [p for n, p in params if p.ndim >= 2 and "embed" not in n]
+    no_decay = [p for n, p in params if p.ndim < 2 or "embed" in n]
+    return torch.optim.AdamW(
+        [
+            {"params": decay, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+
+def _step(optimizer: torch.optim.Optimizer, lr: float, loss: torch.Tensor, clip: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    torch.nn.utils.clip_grad_norm_(params, clip)
+    optimizer.step()
+
+
+# --------------------------------------------------------------------------- #
+# Evaluation (HF, greedy)
+# --------------------------------------------------------------------------- #
+
+
+def greedy_answer(
+    model: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor, sample: Sample
+) -> str:
+    """HF greedy decoding (3 new tokens) of one sample's single-turn prompt."""
+    enc = processor(images=sample.image, text=chat_prompt(sample.question), return_tensors="pt")
+    enc = {k: v.to(model.device) for k, v in enc.items()}
+    with torch.no_grad():
+        out = model.generate(
+            **enc, max_new_tokens=3, do_sample=False, pad_token_id=processor.tokenizer.pad_token_id
+        )
+    return processor.tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+
+
+def evaluate(
+    model: LlavaNextForConditionalGeneration,
+    processor: LlavaNextProcessor,
+    samples: Sequence[Sample],
+) -> dict[str, Any]:
+    """``{"n", "accuracy", "per_family", "answers"}`` of HF greedy answers."""
+    was_training = model.training
+    model.eval()
+    correct = dict.fromkeys(FAMILIES, 0)
+    total = dict.fromkeys(FAMILIES, 0)
+    answers = []
+    for sample in samples:
+        prediction = normalize_answer(greedy_answer(model, processor, sample))
+        answers.append(prediction)
+        total[sample.family] += 1
+        correct[sample.family] += int(prediction == sample.answer)
+    model.train(was_training)
+    n = sum(total.values())
+    return {
+        "n": n,
+        "accuracy": round(sum(correct.values()) / max(1, n), 4),
+        "per_family": {f: round(correct[f] / total[f], 4) for f in FAMILIES if total[f]},
+        "answers": answers,
+    }
+
+
+# --------------------------------------------------------------------------- #
+# Saving and loading
+# --------------------------------------------------------------------------- #
+
+
+def save_checkpoint(
+    model: LlavaNextForConditionalGeneration, processor: LlavaNextProcessor, out_dir: Path
+) -> None:
+    """Write a complete LLaVA-NeXT directory (llava-hf layout) atomically into ``out_dir``."""
+    from transformers import GenerationConfig
+
+    out_dir = out_dir.resolve()
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        config = build_config(SPEC)
+        config.save_pretrained(staging)
+        GenerationConfig(
+            bos_token_id=config.text_config.bos_token_id,
+            eos_token_id=config.text_config.eos_token_id,
+            pad_token_id=config.text_config.pad_token_id,
+        ).save_pretrained(staging)
+        _save_weights(model, staging / WEIGHTS_NAME, STORE_DTYPE)
+        processor.save_pretrained(staging)
+        _finish_tokenizer_config(staging / "tokenizer_config.json")
+        staging.chmod(0o755)
+        for path in staging.iterdir():
+            path.chmod(0o644)
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        os.replace(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def load_checkpoint(
+    model_dir: Path,
+) -> tuple[LlavaNextForConditionalGeneration, LlavaNextProcessor]:
+    """Load a saved checkpoint in float32 (HF), failing on missing or unexpected keys."""
+    from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+    model, info = LlavaNextForConditionalGeneration.from_pretrained(
+        model_dir, dtype=torch.float32, output_loading_info=True
+    )
+    problems = {k: v for k, v in info.items() if v}
+    if problems:
+        raise RuntimeError(f"checkpoint {model_dir} did not load cleanly: {info}")
+    return model.eval(), AutoProcessor.from_pretrained(model_dir)
+
+
+# --------------------------------------------------------------------------- #
+# Driver
+# --------------------------------------------------------------------------- #
+
+
+class Trainer:
+    """Both stages, with the whole state saved to and resumed from ``state_dir``."""
+
+    def __init__(self, cfg: TrainConfig, state_dir: Path, device: torch.device) -> None:
+        self.cfg, self.device = cfg, device
+        self.state_path = state_dir / "state.pt"
+        self.start = time.monotonic()
+        self.processor = build_scene_processor()
+        check_tokenization(self.processor, cfg.seed)
+        self.model = build_model(cfg.seed).to(device).train()
+        torch.manual_seed(cfg.seed + 1)
+        self.heads = TokenHeads(SPEC.hidden_size).to(device)
+        vision = [
+            *self.model.model.vision_tower.named_parameters(),
+            *self.model.model.multi_modal_projector.named_parameters(),
+            *self.heads.named_parameters(),
+        ]
+        self.vision_optimizer = make_optimizer(vision, cfg)
+        self.optimizer = make_optimizer(
+            [*self.model.named_parameters(), *self.heads.named_parameters()], cfg
+        )
+        self.step = 0  # over both stages: vision steps first
+        self.history: list[dict[str, Any]] = []
+        self.seconds = 0.0  # training wall time over all resumed runs
+        if self.state_path.exists():
+            self._load()
+
+    def say(self, message: str) -> None:
+        print(f"[{time.monotonic() - self.start:7.1f}s] {message}", flush=True)
+
+    def _load(self) -> None:
+        state = torch.load(self.state_path, map_location=self.device, weights_only=False)
+        if state["config"] != asdict(self.cfg):
+            raise SystemExit(
+                f"{self.state_path} belongs to another configuration: {state['config']}"
+            )
+        self.model.load_state_dict(state["model"])
+        self.heads.load_state_dict(state["heads"])
+        self.vision_optimizer.load_state_dict(state["vision_optimizer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
+        self.say(f"resumed from {self.state_path} at step {self.step}")
+
+    def _save(self, seconds: float) -> None:
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_path.with_suffix(".tmp")
+        torch.save(
+            {
+                "config": asdict(self.cfg),
+                "model": self.model.state_dict(),
+                "heads": self.heads.state_dict(),
+                "vision_optimizer": self.vision_optimizer.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "step": self.step,
+                "history": self.history,
+                "seconds": seconds,
+            },
+            tmp,
+        )
+        os.replace(tmp, self.state_path)
+
+    def run(self, stop_at: int | None = None) -> float:
+        """Train to the end, or to step ``stop_at`` of both stages, from wherever the
+        state is; returns the training seconds of all runs so far."""
+        cfg = self.cfg
+        total = cfg.vision_steps + cfg.steps
+        end = total if stop_at is None else min(total, stop_at)
+        run_start = time.monotonic()
+        base_seconds = self.seconds
+        stats: dict[str, list[float]] = {}
+        while self.step < end:
+            if self.step < cfg.vision_steps:
+                record = self._vision_step(self.step)
+            else:
+                record = self._chat_step(self.step - cfg.vision_steps)
+            for key, value in record.items():
+                stats.setdefault(key, []).append(value)
+            self.step += 1
+            if self.step % 25 == 0 or self.step == total:
+                mean = {k: round(sum(v) / len(v), 4) for k, v in stats.items()}
+                stats.clear()
+                self.history.append({"step": self.step, **mean})
+                self.say(f"step {self.step:5d} " + " ".join(f"{k} {v}" for k, v in mean.items()))
+            seconds = base_seconds + time.monotonic() - run_start
+            probe = cfg.probe_every and self.step % cfg.probe_every == 0
+            if probe and self.step > cfg.vision_steps:
+                self._probe()
+            if self.step % cfg.save_every == 0 or self.step == end:
+                self._save(seconds)
+        return base_seconds + time.monotonic() - run_start
+
+    def _vision_step(self, step: int) -> dict[str, float]:
+        """Stage 1: tower + projector + heads on the token labels of whole images."""
+        cfg = self.cfg
+        pixels, labels = [], []
+        first = (cfg.steps + 1) * cfg.batch + step * cfg.vision_batch  # after every chat
+        for index in range(first, first + cfg.vision_batch):
+            sample, _ = make_conversation("train", index, cfg.seed, 0)
+            enc = self.processor.image_processor(images=sample.image, return_tensors="pt")
+            pixels.append(enc["pixel_values"][0])
+            labels.append(token_labels(sample.scene))
+        model = self.model.model
+        hidden = model.vision_tower(
+            torch.cat(pixels).to(self.device), output_hidden_states=True
+        ).hidden_states[SPEC.vision_feature_layer][:, 1:]
+        loss, accuracy = self.heads.loss(model.multi_modal_projector(hidden), torch.cat(labels))
+        lr = cfg.vision_lr * min(1.0, (step + 1) / cfg.warmup)
+        _step(self.vision_optimizer, lr, loss, cfg.grad_clip)
+        names = [n for n, _ in CHANNELS]
+        out = {"vision_loss": loss.item()}
+        for name in ("colour", "shape", "letter", "left-colour", "left-shape"):
+            value = accuracy[names.index(name)]
+            if value == value:  # not NaN
+                out[f"acc_{name}"] = value
+        return out
+
+    def _chat_step(self, step: int) -> dict[str, float]:
+        """Stage 2: everything, answer loss plus the token loss."""
+        cfg = self.cfg
+        batch = make_batch(self.processor, step, cfg).to(self.device)
+        loss, visual, counts = chat_losses(self.model, batch, self.heads)
+        _step(self.optimizer, lr_at(step, cfg), loss + cfg.aux_weight * visual, cfg.grad_clip)
+        out = {"loss": loss.item(), "visual": visual.item()}
+        for family, (c, t) in counts.items():
+            out[f"first_{family[:4]}"] = c / t
+        return out
+
+    def _probe(self) -> None:
+        """Greedy accuracy on the first ``probe_n`` eval questions (progress only)."""
+        report = evaluate(self.model, self.processor, make_split("eval", self.cfg.probe_n))
+        self.say(f"probe eval ({report['n']}): {report['accuracy']:.4f} {report['per_family']}")
+        self.history.append({"step": self.step, "probe": report["accuracy"]})
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point."""
+    defaults = TrainConfig()
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.quality.train_grid")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--state", type=Path, required=True, help="resumable state (outside git)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument(
+        "--stop-at",
+        type=int,
+        help="stop at this step (vision steps count first) and export that interim model; "
+        "the schedule is the full run's, so the same command without it resumes to the end",
+    )
+    for field, value in asdict(defaults).items():
+        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(defaults)})
+    command = shlex.join(
+        [Path(sys.executable).name, "-m", "benchmarks.quality.train_grid", *sys.argv[1:]]
+    )
+    trainer = Trainer(cfg, args.state, torch.device(args.device))
+    trainer.say(
+        f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters; "
+        f"{cfg.vision_steps} vision steps, {cfg.steps} chat steps of {cfg.batch}"
+    )
+    seconds = trainer.run(args.stop_at)
+    model, processor = trainer.model.cpu(), trainer.processor
+    save_checkpoint(model, processor, args.out)
+    reloaded, reloaded_processor = load_checkpoint(args.out)
+    eval_start = time.monotonic()
+    report = evaluate(reloaded, reloaded_processor, make_split("eval", cfg.eval_n, cfg.seed))
+    answers = report.pop("answers")
+    test = evaluate(reloaded, reloaded_processor, make_split("eval", cfg.test_n, cfg.seed))
+    trainer.say(f"eval (HF float32, saved weights, {report['n']}): {report['accuracy']:.4f}")
+    trainer.say(f"per family: {report['per_family']}")
+    record = {
+        "command": command,
+        "generator": "benchmarks.quality.grid_scenes",
+        "config": asdict(cfg),
+        "spec": SPEC.to_json_dict(),
+        "store_dtype": STORE_DTYPE,
+        "device": args.device,
+        "step": trainer.step,
+        "planned_steps": cfg.vision_steps + cfg.steps,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "train_wall_seconds": round(seconds, 1),
+        "eval_wall_seconds": round(time.monotonic() - eval_start, 1),
+        "history": trainer.history,
+        "eval_hf_float32": report,
+        "eval_answers": answers,
+        "test_subset": {k: test[k] for k in ("n", "accuracy", "answers")},
+        "versions": {"python": platform.python_version(), "torch": torch.__version__},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {args.threads} thread(s)",
+    }
+    (args.out / "TRAINING.json").write_text(json.dumps(record, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,151 @@
+"""Grid scenes (quality benchmark v2), their per-token labels, and the harness statistics.
+
+The benchmark can only decide between pruning methods if its data is right:
+answers balanced (priors score chance), every object on exactly one visual
+token, labels on the tokens that show the thing, splits reproducible and
+disjoint; and its statistics must be the textbook ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+
+import pytest
+import torch
+
+from benchmarks.quality import grid_scenes as g
+from benchmarks.quality.harness import matched_schedule, multi_schedule, multi_stage_layers
+from benchmarks.quality.stats import mcnemar_exact, paired_relative_interval, wilson_interval
+
+
+def _hash(sample: g.Sample) -> str:
+    return hashlib.sha256(sample.image.tobytes() + repr(sample.image.size).encode()).hexdigest()
+
+
+def test_splits_are_reproducible_prefixes_and_disjoint() -> None:
+    first = g.make_split("eval", 24)
+    assert [_hash(s) for s in first] == [_hash(s) for s in g.make_split("eval", 30)[:24]]
+    assert _hash(g.make_sample("eval", 7)) == _hash(first[7])
+    train = {_hash(s) for s in g.make_split("train", 200)}
+    assert len(train) == 200
+    assert not train & {_hash(s) for s in g.make_split("eval", 200)}
+    easy, _ = g.make_conversation("train", 3, max_objects=2)
+    assert _hash(easy) != _hash(g.make_sample("train", 3))
+
+
+def test_answers_are_balanced_single_words() -> None:
+    samples = g.make_split("eval", 720)
+    assert Counter(s.family for s in samples) == dict.fromkeys(g.FAMILIES, 120)
+    options = {
+        "colour": set(g.COLOURS),
+        "shape": set(g.SHAPES),
+        "count": set(g.COUNT_WORDS[1:]),
+        "relation": {"yes", "no"},
+        "presence": {"yes", "no"},
+        "text": set(g.LETTERS),
+    }
+    for family, allowed in options.items():
+        answers = Counter(s.answer for s in samples if s.family == family)
+        assert set(answers) == allowed, family
+        # Uniform draws: the most frequent answer is close to chance.
+        assert max(answers.values()) / 120 < 1 / len(allowed) + 0.12, (family, answers)
+    for s in samples[:60]:
+        assert s.answer == g.normalize_answer(s.answer) and s.question.endswith("?")
+    assert {s.image.size for s in samples} == set(g.IMAGE_SIZES)
+
+
+def test_questions_are_answered_by_the_scene() -> None:
+    """Each family's answer follows from ``Scene.cells`` alone."""
+    for s in g.make_split("eval", 240):
+        objs = [t for _, t in s.scene.objects()]
+        words = s.question.rstrip("?").split()
+        if s.family == "colour":
+            (target,) = [t for t in objs if t.shape == words[-1]]
+            assert target.colour == s.answer
+        elif s.family == "shape":
+            (target,) = [t for t in objs if t.colour == words[-2]]
+            assert target.shape == s.answer
+        elif s.family == "count":
+            n = sum(t.shape == words[2][:-1] for t in objs)
+            assert g.COUNT_WORDS[n] == s.answer
+        elif s.family == "presence":
+            there = any((t.colour, t.shape) == (words[-2], words[-1]) for t in objs)
+            assert ("yes" if there else "no") == s.answer
+        elif s.family == "relation":
+            cells = {(t.colour, t.shape): c for c, t in s.scene.objects()}
+            a, b = cells[(words[2], words[3])], cells[(words[-2], words[-1])]
+            relation = " ".join(words[4:-3])
+            dx, dy = g.RELATIONS[relation]
+            assert abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1  # neighbours
+            assert ("yes" if (b[0] - a[0], b[1] - a[1]) == (dx, dy) else "no") == s.answer
+        else:
+            letters = [t.letter for t in s.scene.cells.values() if t.kind == "letter"]
+            assert letters == [s.answer]
+
+
+def test_token_labels_sit_on_the_patches_that_show_the_object() -> None:
+    """Every labelled colour is drawn inside its tile patch; unlabelled patches are plain."""
+    from benchmarks.quality.train_grid import build_scene_processor, token_labels
+
+    processor = build_scene_processor().image_processor
+    mean = torch.tensor(processor.image_mean).view(3, 1, 1)
+    std = torch.tensor(processor.image_std).view(3, 1, 1)
+    palette = torch.tensor(list(g.COLOURS.values()), dtype=torch.float32)
+    labelled = 0
+    for index in range(4):
+        sample = g.make_sample("train", index)
+        tiles = processor(images=sample.image, return_tensors="pt")["pixel_values"][0]
+        tiles = tiles * std + mean
+        labels = token_labels(sample.scene)
+        assert labels.shape[:2] == (tiles.shape[0], 64)
+        assert (labels[0] == -100).all()  # the base image is not supervised
+        for t in range(1, tiles.shape[0]):
+            for p in range(64):
+                r, c = divmod(p, 8)
+                rgb = tiles[t, :, r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16].reshape(3, -1).T
+                spread = float(rgb.max(0).values.sub(rgb.min(0).values).max())
+                if labels[t, p, 0] > 0:
+                    nearest = torch.cdist(rgb * 255, palette).min(0).values
+                    assert int(nearest.argmin()) == int(labels[t, p, 0]) - 1
+                    labelled += 1
+                elif labels[t, p, 2] == 0:
+                    assert spread < 0.02, (index, t, p)  # background only
+    assert labelled >= 4 * 3
+
+
+def test_wilson_and_mcnemar_match_textbook_values() -> None:
+    low, high = wilson_interval(90, 100)
+    assert (round(low, 4), round(high, 4)) == (0.8256, 0.9448)
+    assert wilson_interval(0, 10)[0] == 0.0
+    assert wilson_interval(10, 10)[1] == pytest.approx(1.0)
+    # 10 vs 3 discordant pairs: p = 2 * P(X <= 3), X ~ Bin(13, 1/2) = 2 * 378 / 8192.
+    assert mcnemar_exact([True] * 10 + [False] * 3, [False] * 10 + [True] * 3) == (
+        10,
+        3,
+        2 * 378 / 8192,
+    )
+    assert mcnemar_exact([True, False], [True, False]) == (0, 0, 1.0)
+    assert mcnemar_exact([True] * 6, [False] * 6)[2] == pytest.approx(2 / 64)
+    same = [i % 3 != 0 for i in range(300)]
+    low, high = paired_relative_interval(same, same)
+    assert low == high == 1.0
+
+
+def test_in_llm_schedules_match_the_input_arms_cost() -> None:
+    """Matched single stage and reference-shaped multi-stage: average visual tokens per layer."""
+    n, layers = 484, 8
+    k = 161  # 0.333
+    sched = matched_schedule(1, layers)(n, k)
+    assert sched is not None
+    assert abs(sched.average_kept(n, layers) - k) < 1
+    assert matched_schedule(1, layers)(n, 54) is None  # layer 0 alone holds 484 > 8 * 54
+    assert multi_stage_layers(8) == (1, 3, 4)
+    assert multi_stage_layers(32) == (1, 11, 16)
+    multi = multi_schedule(layers)(n, k)
+    keeps = [st.keep for st in multi.stages]
+    assert keeps == sorted(keeps, reverse=True)
+    assert abs(multi.average_kept(n, layers) - k) < 2
+    # Infeasible budgets fall back to the reference's own fractions of N.
+    fallback = multi_schedule(layers)(n, 54)
+    assert [st.keep for st in fallback.stages] == [round(c * n / 576) for c in (92, 54, 22)]
