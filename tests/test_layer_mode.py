@@ -215,11 +215,13 @@ def test_mode_from_the_command_line_and_offline() -> None:
 def test_layer_mode_refuses_micro_batching() -> None:
     from types import SimpleNamespace
 
+    from vllm_trio.config import TRIO_ARCH
     from vllm_trio.layout import check_layer_mode
 
-    def config(mode: str, ubatching: bool) -> SimpleNamespace:
+    def config(mode: str, ubatching: bool, arch: str = TRIO_ARCH) -> SimpleNamespace:
+        hf_config = SimpleNamespace(trio_mode=mode, architectures=[arch])
         return SimpleNamespace(
-            model_config=SimpleNamespace(hf_config=SimpleNamespace(trio_mode=mode)),
+            model_config=SimpleNamespace(hf_config=hf_config),
             parallel_config=SimpleNamespace(use_ubatching=ubatching),
         )
 
@@ -227,6 +229,10 @@ def test_layer_mode_refuses_micro_batching() -> None:
     check_layer_mode(config("input", True))
     with pytest.raises(ValueError, match="micro-batching"):
         check_layer_mode(config("layer", True))
+    # Layer mode is LLaVA-NeXT's; other families are refused with the reason.
+    check_layer_mode(config("input", False, "TrioQwen2_5_VLForConditionalGeneration"))
+    with pytest.raises(ValueError, match="LLaVA-NeXT only"):
+        check_layer_mode(config("layer", False, "TrioQwen2_5_VLForConditionalGeneration"))
 
 
 @pytest.fixture(scope="module")
