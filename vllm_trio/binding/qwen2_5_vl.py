@@ -55,6 +55,8 @@ from .trio_processor import TrioProcessingInfoMixin, TrioProcessorMixin, stock_k
 
 #: Extra columns on every media row ``embed_multimodal`` returns: ``t, h, w``
 #: in the item's grid and 1 for an image row (0: a video row, left as stock).
+#: They travel in the embedding dtype, exact in bfloat16 up to 256 (Qwen's
+#: default ``max_pixels`` gives at most 128 merged rows or columns).
 _POSITION_COLUMNS = 4
 
 
