@@ -44,16 +44,16 @@ def performance(prefill: dict[str, Any] | None, throughput: dict[str, Any] | Non
             }
             panels.append((title, series))
     if throughput:
-        rows = throughput["rows"]
-        stock = next(r for r in rows if r["engine"] == "stock")
+        # vllm bench serve runs (benchmarks/throughput.py), eager mode, one
+        # line per concurrency; throughput_x is against stock at that concurrency.
+        rows = [r for r in throughput["rows"] if r["engine"] == "trio" and r["mode"] == "eager"]
         series = {
-            "req/s": [
-                (r["ratio"], r["req_per_s"] / stock["req_per_s"])
-                for r in rows
-                if r["engine"] == "trio"
+            f"{c} concurrent": [
+                (r["ratio"], r["throughput_x"]) for r in rows if r["concurrency"] == c
             ]
+            for c in sorted({r["concurrency"] for r in rows})
         }
-        panels.append(("throughput at saturation (x)", series))
+        panels.append(("requests/s, vllm bench serve (x)", series))
     if not panels:
         return None
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)

