@@ -193,7 +193,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Build from a copy: setuptools writes build/ and *.egg-info next to the
     # sources, and the repository is shared with other work.
     src = build / "src"
-    skip = (".git", ".venv", "artifacts", "benchmarks", "tests", "scripts", "docker")
+    # Every virtual environment (.venv, .venv-vllm033, .venv-lmms: 10 GB each)
+    # and everything that is not the package stays out of the copy.
+    skip = (".git", ".venv*", "artifacts", "benchmarks", "tests", "scripts", "docker", "trio_dev")
     junk = ("*.egg-info", "__pycache__", "build", "dist", ".ruff_cache", ".pytest_cache")
     shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(*skip, *junk))
     proc = subprocess.run(
