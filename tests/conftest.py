@@ -2,6 +2,9 @@
 
 Engines start in-process (``VLLM_ENABLE_V1_MULTIPROCESSING=0``) so tests can
 read vLLM's own scheduler state and the model's last selection directly.
+Every in-process engine fixture is session-scoped: vLLM's parallel state is
+global per process, and an in-process engine that is dropped (a module-scoped
+fixture at module end) tears it down for every other in-process engine.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ serves it with a per-request ratio and the same answer as the engine.
 
 from __future__ import annotations
 
-import gc
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +34,13 @@ GREEDY = SamplingParams(temperature=0, max_tokens=6)
 RATIO = 0.222
 
 
-@pytest.fixture(scope="module", params=BACKBONES)
+@pytest.fixture(scope="session", params=BACKBONES)
 def backbone_ckpt(request, tmp_path_factory) -> tuple[str, Path]:
     preset = f"tiny-{request.param}"
     return request.param, build_checkpoint(tmp_path_factory.mktemp(preset), preset=preset)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # in-process: kept alive (see conftest)
 def backbone_llm(backbone_ckpt) -> Iterator:
     from vllm import LLM
 
@@ -54,8 +53,6 @@ def backbone_llm(backbone_ckpt) -> Iterator:
         **vllm_trio.engine_kwargs(keep_ratio=0.25, depth=TEST_DEPTH),
     )
     yield llm
-    del llm
-    gc.collect()
 
 
 def test_backbone_is_the_one_built(backbone_ckpt, backbone_llm) -> None:

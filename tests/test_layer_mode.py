@@ -32,7 +32,7 @@ FIRST = SamplingParams(temperature=0, max_tokens=1, logprobs=-1)
 GREEDY = SamplingParams(temperature=0, max_tokens=6)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # in-process: kept alive (see conftest)
 def layer_llm(tiny_ckpt: Path):
     from vllm import LLM
 

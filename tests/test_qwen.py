@@ -91,13 +91,13 @@ def _trio(ckpt: Path, **kwargs):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # in-process: kept alive (see conftest)
 def qwen_trio(qwen_ckpt):
     """Prefix caching on, chunked prefill in 32-token steps (images are split)."""
     return _trio(qwen_ckpt, enable_prefix_caching=True, max_num_batched_tokens=32)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # in-process: kept alive (see conftest)
 def qwen_alone(qwen_ckpt):
     """Every cache off, no chunking: the 'alone' baseline."""
     return _trio(
@@ -105,7 +105,7 @@ def qwen_alone(qwen_ckpt):
     )
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")  # in-process: kept alive (see conftest)
 def qwen_stock(qwen_ckpt):
     from vllm import LLM
 

@@ -63,8 +63,10 @@ def enable_cross_process() -> None:
     """Create the per-server statistics directory (``vllm serve`` process, before
     any engine or API-server child starts; they inherit the variable)."""
     global _owned_dir
-    if os.environ.get(METRICS_DIR_ENV):
+    if _owned_dir is not None:
         return
+    # Always this server's own directory, even if one was inherited: two
+    # servers must never sum each other's statistics.
     _owned_dir = tempfile.mkdtemp(prefix="vllm-trio-metrics-")
     os.environ[METRICS_DIR_ENV] = _owned_dir
     atexit.register(shutil.rmtree, _owned_dir, True)
