@@ -149,3 +149,34 @@ def test_in_llm_schedules_match_the_input_arms_cost() -> None:
     # Infeasible budgets fall back to the reference's own fractions of N.
     fallback = multi_schedule(layers)(n, 54)
     assert [st.keep for st in fallback.stages] == [round(c * n / 576) for c in (92, 54, 22)]
+
+
+def test_symbolic_layout_is_the_one_llava_next_packs() -> None:
+    """Stage 0's symbolic visual rows sit where HF's ``pack_image_features`` puts
+    each tile patch (base tile first, then grid rows each ending in a newline),
+    so the decoder learns the layout it later reads from the tower."""
+    from benchmarks.quality.symbolic import NEWLINE, packed_layout
+    from benchmarks.quality.train_grid import SPEC, build_model, token_labels
+
+    model = build_model(0).model
+    for index in range(4):  # the four grid shapes
+        scene = g.make_sample("eval", index).scene
+        labels = token_labels(scene)
+        tiles = labels.shape[0]
+        # Feature of (tile t, patch p) = its flat index; the newline row is -1.
+        features = torch.arange(tiles * 64, dtype=torch.float32).view(tiles, 64, 1)
+        features = features.expand(tiles, 64, SPEC.hidden_size).contiguous()
+        packed, _ = model.pack_image_features(
+            [features],
+            torch.tensor([[scene.height, scene.width]]),
+            "default",
+            image_newline=torch.full((SPEC.hidden_size,), -1.0),
+        )
+        order = packed[0][:, 0].long()
+        kinds, packed_labels = packed_layout(scene, labels)
+        assert kinds.shape == order.shape
+        assert ((order == -1) == (kinds == NEWLINE)).all()
+        flat = labels.view(tiles * 64, -1)
+        real = order >= 64  # grid rows (the base tile's labels are "nothing")
+        assert torch.equal(packed_labels[real], flat[order[real]])
+        assert (packed_labels[order < 64] == 0).all()

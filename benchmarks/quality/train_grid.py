@@ -20,15 +20,18 @@ Why it looks the way it does (the previous model's failure is in
   2x2, 3x2, 2x3, 3x3 tiles: 336-664 visual tokens per image (482 on average
   over the four grids). Scene cells are patches, so one token sees one whole
   object: its colour and shape are in that token, nowhere else.
-* **Per-token supervision, linear.** Every visual token (projector output) is
-  trained to say, through *linear* heads, what is on its cell (colour, shape,
-  letter) and on its four neighbours' cells (for relations). Linear, so that
-  the language model's attention can match a question's words against the
-  tokens with one dot product. The heads are dropped when saving.
-* **Stages.** (1) tower + projector + heads alone (``vision_steps``), so the
-  tokens are readable before the decoder starts; (2) everything, answer loss
-  plus the token loss. The first ``easy_fraction`` of stage 2 uses scenes with
-  at most two objects besides those the question needs.
+* **Stages.** (0) the decoder alone on *symbolic* scenes
+  (``benchmarks.quality.symbolic``): visual rows are learned embeddings of
+  what each cell holds, laid out as LLaVA-NeXT packs an image, first with only
+  the objects the question needs, then one distractor more per phase, then
+  with the background rows coming in. A decoder trained from scratch on
+  rendered scenes stayed at the answer prior (see ``symbolic``'s docstring).
+  (1) tower + projector regressed onto those symbolic features (mean squared
+  error), so the tokens the decoder will read are the ones it learned; the
+  image-newline row starts as the symbolic one. (2) everything end to end,
+  answer loss plus the regression as an auxiliary loss. Linear heads fitted
+  on detached tokens report how readable each label is (probes only; dropped
+  when saving).
 * **Multi-turn chats.** Each image carries its split question (the eval prompt
   verbatim) and ``extra_turns`` more questions as later turns: one image
   encoding and one pass over its ~480 visual tokens supervise many answers.
@@ -52,8 +55,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -90,6 +93,15 @@ from .grid_scenes import (
     normalize_answer,
     vocabulary_text,
 )
+from .symbolic import (
+    NEWLINE,
+    OBJECT,
+    SymbolicEncoder,
+    SymbolicFeatures,
+    packed_layout,
+    symbolic_scene,
+    tile_kinds,
+)
 
 if TYPE_CHECKING:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
@@ -124,12 +136,20 @@ class TrainConfig:
     that trains ``benchmarks/quality/model``."""
 
     seed: int = 0
-    steps: int = 1200
-    batch: int = 5
-    extra_turns: int = 18
-    easy_fraction: float = 0.15
+    #: Stage 0 (symbolic): the decoder alone on symbolic scenes. Its steps are
+    #: split evenly over ``symbolic_curriculum`` (at most that many objects
+    #: besides the question's; -1: no cap) plus one last phase without a cap
+    #: in which background tokens come in (kept with probability 0 -> 1).
+    symbolic_steps: int = 3000
+    symbolic_batch: int = 8
+    symbolic_lr: float = 1e-3
+    symbolic_curriculum: tuple[int, ...] = (0, 1, 2, 3, -1)
+    steps: int = 500
+    batch: int = 6
+    extra_turns: int = 3
+    easy_fraction: float = 0.0
     easy_objects: int = 2
-    lr: float = 2e-3
+    lr: float = 1e-3
     warmup: int = 50
     decay_fraction: float = 0.3
     min_lr_ratio: float = 0.05
@@ -373,9 +393,12 @@ def build_model(seed: int) -> LlavaNextForConditionalGeneration:
 
 
 def chat_losses(
-    model: LlavaNextForConditionalGeneration, batch: Batch, heads: TokenHeads
+    model: LlavaNextForConditionalGeneration,
+    batch: Batch,
+    token_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, tuple[int, int]]]:
-    """Answer cross-entropy, token loss, and per family (answers right, answers)."""
+    """Answer cross-entropy, ``token_loss(projected tokens, token labels)``, and per
+    family (answers right, answers)."""
     captured: list[torch.Tensor] = []
     hook = model.model.multi_modal_projector.register_forward_hook(
         lambda _m, _i, output: captured.append(output)
@@ -394,7 +417,7 @@ def chat_losses(
     targets = batch.labels[:, 1:]
     keep = targets != -100
     loss = F.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep])
-    visual = heads.loss(captured[0], batch.token_labels)[0]
+    visual = token_loss(captured[0], batch.token_labels)
     with torch.no_grad():
         rows = torch.tensor([r for r, _, _ in batch.answers])
         pos = torch.tensor([p for _, p, _ in batch.answers])
@@ -541,7 +564,7 @@ def load_checkpoint(
 
 
 class Trainer:
-    """Both stages, with the whole state saved to and resumed from ``state_dir``."""
+    """All three stages, with the whole state saved to and resumed from ``state_dir``."""
 
     def __init__(self, cfg: TrainConfig, state_dir: Path, device: torch.device) -> None:
         self.cfg, self.device = cfg, device
@@ -552,6 +575,16 @@ class Trainer:
         self.model = build_model(cfg.seed).to(device).train()
         torch.manual_seed(cfg.seed + 1)
         self.heads = TokenHeads(SPEC.hidden_size).to(device)
+        self.symbolic = SymbolicFeatures(SPEC.hidden_size, [n for _, n in CHANNELS]).to(device)
+        self.encoder = SymbolicEncoder(
+            self.processor.tokenizer, self.model.config.image_token_index
+        )
+        decoder = [
+            *self.model.model.language_model.named_parameters(),
+            *self.model.lm_head.named_parameters(),
+            *self.symbolic.named_parameters(),
+        ]
+        self.symbolic_optimizer = make_optimizer(decoder, replace(cfg, lr=cfg.symbolic_lr))
         vision = [
             *self.model.model.vision_tower.named_parameters(),
             *self.model.model.multi_modal_projector.named_parameters(),
@@ -561,7 +594,7 @@ class Trainer:
         self.optimizer = make_optimizer(
             [*self.model.named_parameters(), *self.heads.named_parameters()], cfg
         )
-        self.step = 0  # over both stages: vision steps first
+        self.step = 0  # over all stages: symbolic, vision, chat
         self.history: list[dict[str, Any]] = []
         self.seconds = 0.0  # training wall time over all resumed runs
         if self.state_path.exists():
@@ -570,51 +603,52 @@ class Trainer:
     def say(self, message: str) -> None:
         print(f"[{time.monotonic() - self.start:7.1f}s] {message}", flush=True)
 
+    def _modules(self) -> dict[str, Any]:
+        return {
+            "model": self.model,
+            "heads": self.heads,
+            "symbolic": self.symbolic,
+            "symbolic_optimizer": self.symbolic_optimizer,
+            "vision_optimizer": self.vision_optimizer,
+            "optimizer": self.optimizer,
+        }
+
     def _load(self) -> None:
         state = torch.load(self.state_path, map_location=self.device, weights_only=False)
         if state["config"] != asdict(self.cfg):
             raise SystemExit(
                 f"{self.state_path} belongs to another configuration: {state['config']}"
             )
-        self.model.load_state_dict(state["model"])
-        self.heads.load_state_dict(state["heads"])
-        self.vision_optimizer.load_state_dict(state["vision_optimizer"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        for name, module in self._modules().items():
+            module.load_state_dict(state[name])
         self.step, self.history, self.seconds = state["step"], state["history"], state["seconds"]
         self.say(f"resumed from {self.state_path} at step {self.step}")
 
     def _save(self, seconds: float) -> None:
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.state_path.with_suffix(".tmp")
-        torch.save(
-            {
-                "config": asdict(self.cfg),
-                "model": self.model.state_dict(),
-                "heads": self.heads.state_dict(),
-                "vision_optimizer": self.vision_optimizer.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "step": self.step,
-                "history": self.history,
-                "seconds": seconds,
-            },
-            tmp,
-        )
+        state = {name: module.state_dict() for name, module in self._modules().items()}
+        state |= {"config": asdict(self.cfg), "step": self.step, "history": self.history}
+        torch.save(state | {"seconds": seconds}, tmp)
         os.replace(tmp, self.state_path)
 
     def run(self, stop_at: int | None = None) -> float:
-        """Train to the end, or to step ``stop_at`` of both stages, from wherever the
+        """Train to the end, or to step ``stop_at`` of all stages, from wherever the
         state is; returns the training seconds of all runs so far."""
         cfg = self.cfg
-        total = cfg.vision_steps + cfg.steps
+        chat_start = cfg.symbolic_steps + cfg.vision_steps
+        total = chat_start + cfg.steps
         end = total if stop_at is None else min(total, stop_at)
         run_start = time.monotonic()
         base_seconds = self.seconds
         stats: dict[str, list[float]] = {}
         while self.step < end:
-            if self.step < cfg.vision_steps:
-                record = self._vision_step(self.step)
+            if self.step < cfg.symbolic_steps:
+                record = self._symbolic_step(self.step)
+            elif self.step < chat_start:
+                record = self._vision_step(self.step - cfg.symbolic_steps)
             else:
-                record = self._chat_step(self.step - cfg.vision_steps)
+                record = self._chat_step(self.step - chat_start)
             for key, value in record.items():
                 stats.setdefault(key, []).append(value)
             self.step += 1
@@ -625,15 +659,74 @@ class Trainer:
                 self.say(f"step {self.step:5d} " + " ".join(f"{k} {v}" for k, v in mean.items()))
             seconds = base_seconds + time.monotonic() - run_start
             probe = cfg.probe_every and self.step % cfg.probe_every == 0
-            if probe and self.step > cfg.vision_steps:
+            if probe and self.step > chat_start:
                 self._probe()
             if self.step % cfg.save_every == 0 or self.step == end:
                 self._save(seconds)
         return base_seconds + time.monotonic() - run_start
 
-    def _vision_step(self, step: int) -> dict[str, float]:
-        """Stage 1: tower + projector + heads on the token labels of whole images."""
+    def _symbolic_step(self, step: int) -> dict[str, float]:
+        """Stage 0: the decoder on symbolic scenes (``benchmarks.quality.symbolic``)."""
         cfg = self.cfg
+        max_objects, keep_background = symbolic_phase(step, cfg)
+        generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        rows = []
+        for index in range(step * cfg.symbolic_batch, (step + 1) * cfg.symbolic_batch):
+            scene, turns = symbolic_scene(index, cfg.seed, 0, max_objects)
+            kinds, labels = packed_layout(scene, token_labels(scene))
+            ids, answer_labels, first = self.encoder.encode(turns, kinds.numel())
+            keep = torch.ones(len(ids), dtype=torch.bool)
+            drop = (kinds != OBJECT) & (
+                torch.rand(kinds.numel(), generator=generator) >= keep_background
+            )
+            keep[first : first + kinds.numel()] = ~drop
+            rows.append(
+                (torch.tensor(ids), torch.tensor(answer_labels), first, kinds, labels, keep)
+            )
+        lm = self.model.model.language_model
+        length = max(int(keep.sum()) for *_, keep in rows)
+        embeds = torch.zeros(len(rows), length, SPEC.hidden_size, device=self.device)
+        targets = torch.full((len(rows), length), -100, device=self.device)
+        mask = torch.zeros((len(rows), length), dtype=torch.long, device=self.device)
+        positions = torch.zeros((len(rows), length), dtype=torch.long, device=self.device)
+        for r, (ids, answer_labels, first, kinds, labels, keep) in enumerate(rows):
+            e = lm.embed_tokens(ids.to(self.device))
+            visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
+            e = torch.cat([e[:first], visual, e[first + kinds.numel() :]])
+            n = int(keep.sum())
+            embeds[r, :n] = e[keep.to(self.device)]
+            targets[r, :n] = answer_labels[keep].to(self.device)
+            mask[r, :n] = 1
+            # Kept rows keep their positions in the whole prompt (the grid's geometry).
+            positions[r, :n] = keep.nonzero().squeeze(1).to(self.device)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        logits = self.model.lm_head(out.last_hidden_state[:, :-1]).float()
+        shifted = targets[:, 1:]
+        supervised = shifted != -100
+        loss = F.cross_entropy(logits[supervised], shifted[supervised])
+        lr = cfg.symbolic_lr * min(1.0, (step + 1) / cfg.warmup)
+        _step(self.symbolic_optimizer, lr, loss, cfg.grad_clip)
+        answers = supervised & (shifted != self.processor.tokenizer.eos_token_id)
+        hits = logits.argmax(-1)[answers] == shifted[answers]
+        return {"symbolic_loss": loss.item(), "answer_acc": hits.float().mean().item()}
+
+    def _align_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Projected tokens regressed onto their (frozen) symbolic features, plus the
+        linear heads fitted on detached tokens (probes of readability only)."""
+        labels = labels.to(tokens.device)
+        with torch.no_grad():
+            target = self.symbolic(tile_kinds(labels), labels)
+        return (
+            F.mse_loss(tokens.float(), target.float()) * SPEC.hidden_size
+            + self.heads.loss(tokens.detach(), labels)[0]
+        )
+
+    def _vision_step(self, step: int) -> dict[str, float]:
+        """Stage 1: tower + projector regressed onto the symbolic features."""
+        cfg = self.cfg
+        if step == 0:  # the newline row the decoder learned in stage 0
+            with torch.no_grad():
+                self.model.model.image_newline.copy_(self.symbolic.kinds.weight[NEWLINE])
         pixels, labels = [], []
         first = (cfg.steps + 1) * cfg.batch + step * cfg.vision_batch  # after every chat
         for index in range(first, first + cfg.vision_batch):
@@ -645,11 +738,13 @@ class Trainer:
         hidden = model.vision_tower(
             torch.cat(pixels).to(self.device), output_hidden_states=True
         ).hidden_states[SPEC.vision_feature_layer][:, 1:]
-        loss, accuracy = self.heads.loss(model.multi_modal_projector(hidden), torch.cat(labels))
+        tokens, all_labels = model.multi_modal_projector(hidden), torch.cat(labels)
+        loss = self._align_loss(tokens, all_labels)
         lr = cfg.vision_lr * min(1.0, (step + 1) / cfg.warmup)
         _step(self.vision_optimizer, lr, loss, cfg.grad_clip)
+        accuracy = self.heads.loss(tokens.detach(), all_labels)[1]
         names = [n for n, _ in CHANNELS]
-        out = {"vision_loss": loss.item()}
+        out = {"align_loss": loss.item()}
         for name in ("colour", "shape", "letter", "left-colour", "left-shape"):
             value = accuracy[names.index(name)]
             if value == value:  # not NaN
@@ -657,10 +752,10 @@ class Trainer:
         return out
 
     def _chat_step(self, step: int) -> dict[str, float]:
-        """Stage 2: everything, answer loss plus the token loss."""
+        """Stage 2: everything end to end, answer loss plus the alignment loss."""
         cfg = self.cfg
         batch = make_batch(self.processor, step, cfg).to(self.device)
-        loss, visual, counts = chat_losses(self.model, batch, self.heads)
+        loss, visual, counts = chat_losses(self.model, batch, self._align_loss)
         _step(self.optimizer, lr_at(step, cfg), loss + cfg.aux_weight * visual, cfg.grad_clip)
         out = {"loss": loss.item(), "visual": visual.item()}
         for family, (c, t) in counts.items():
@@ -672,6 +767,22 @@ class Trainer:
         report = evaluate(self.model, self.processor, make_split("eval", self.cfg.probe_n))
         self.say(f"probe eval ({report['n']}): {report['accuracy']:.4f} {report['per_family']}")
         self.history.append({"step": self.step, "probe": report["accuracy"]})
+
+
+def symbolic_phase(step: int, cfg: TrainConfig) -> tuple[int | None, float]:
+    """(object cap, background keep probability) of symbolic step ``step``."""
+    phases = len(cfg.symbolic_curriculum) + 1
+    length = cfg.symbolic_steps / phases
+    phase = min(int(step / length), phases - 1)
+    if phase < phases - 1:
+        cap = cfg.symbolic_curriculum[phase]
+        return (None if cap < 0 else cap), 0.0
+    return None, min(1.0, (step - phase * length) / max(1.0, length - 1))
+
+
+def _int_tuple(text: str) -> tuple[int, ...]:
+    """``"0,1,-1"`` -> ``(0, 1, -1)`` (the curriculum flag)."""
+    return tuple(int(x) for x in text.split(","))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -689,7 +800,8 @@ def main(argv: list[str] | None = None) -> int:
         "the schedule is the full run's, so the same command without it resumes to the end",
     )
     for field, value in asdict(defaults).items():
-        parser.add_argument(f"--{field.replace('_', '-')}", type=type(value), default=value)
+        kind = _int_tuple if isinstance(value, tuple) else type(value)
+        parser.add_argument(f"--{field.replace('_', '-')}", type=kind, default=value)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(**{f: getattr(args, f) for f in asdict(defaults)})
@@ -699,7 +811,8 @@ def main(argv: list[str] | None = None) -> int:
     trainer = Trainer(cfg, args.state, torch.device(args.device))
     trainer.say(
         f"model: {sum(p.numel() for p in trainer.model.parameters()) / 1e6:.2f} M parameters; "
-        f"{cfg.vision_steps} vision steps, {cfg.steps} chat steps of {cfg.batch}"
+        f"{cfg.symbolic_steps} symbolic, {cfg.vision_steps} vision, "
+        f"{cfg.steps} chat steps of {cfg.batch}"
     )
     seconds = trainer.run(args.stop_at)
     model, processor = trainer.model.cpu(), trainer.processor
@@ -719,7 +832,7 @@ def main(argv: list[str] | None = None) -> int:
         "store_dtype": STORE_DTYPE,
         "device": args.device,
         "step": trainer.step,
-        "planned_steps": cfg.vision_steps + cfg.steps,
+        "planned_steps": cfg.symbolic_steps + cfg.vision_steps + cfg.steps,
         "parameters": sum(p.numel() for p in model.parameters()),
         "train_wall_seconds": round(seconds, 1),
         "eval_wall_seconds": round(time.monotonic() - eval_start, 1),
