@@ -14,7 +14,9 @@ throughput, output tokens/s, TTFT, ITL and end-to-end latency (p50/p99) as
 vLLM prints them (its output is kept in ``artifacts/bench_serve/``), the
 prompt tokens the server counted (``vllm:prompt_tokens_total``: vLLM's
 client counts only the text), and how many such requests the KV cache holds
-at once. ``--mode compiled`` runs vLLM's default compiled mode (no
+at once. ``--preset qwen-bench`` runs the same on the Qwen2.5-VL-7B-shaped
+checkpoint (609 visual tokens per 672x672 image; ``throughput_qwen-bench.json``).
+``--mode compiled`` runs vLLM's default compiled mode (no
 ``--enforce-eager``) instead, ``--mode both`` both.
 
     python benchmarks/throughput.py [--concurrency 8 32] [--ratios 1 0.333 0.111] [--mode eager]
@@ -130,9 +132,13 @@ def main() -> None:
         help="--enforce-eager, vLLM's default compiled mode, or both (compiled at the last "
         "concurrency only)",
     )
-    ap.add_argument("--name", default="throughput", help="results file stem")
-    ap.add_argument("--preset", default="bench", choices=["tiny", "bench"])
+    ap.add_argument("--name", help="results file stem (default: throughput[_PRESET])")
+    ap.add_argument(
+        "--preset", default="bench", choices=["tiny", "bench", "qwen-tiny", "qwen-bench"]
+    )
     args = ap.parse_args()
+    if args.name is None:
+        args.name = "throughput" if args.preset == "bench" else f"throughput_{args.preset}"
     ckpt = bench_checkpoint(args.preset)
     common = (
         "--max-model-len", "4096", "--kv-cache-memory-bytes", str(KV_BYTES),

@@ -267,3 +267,48 @@ def test_tp2_first_token_equals_in_llm_reference(layer_tp2_llm, hf) -> None:
     got = _first_logprobs(layer_tp2_llm, _request(prompt, [image], 0.222))
     want = _reference_logprobs(hf, prompt, image, 0.222, TEST_DEPTH)
     assert (got - want).abs().max() < ATOL
+
+
+@pytest.mark.engine
+def test_vllm_serve_trio_mode_layer(tiny_ckpt: Path, layer_llm, trio_llm, tmp_path_factory) -> None:
+    """``vllm serve --plugin trio --trio-mode layer``, as a user types it: a chat at
+    ``keep_ratio`` 0.111 gets the pruned ``prompt_tokens`` and the first-token
+    log-probabilities of the in-process layer-mode engine, not of input mode."""
+    import requests
+
+    from trio_dev.local_server import image_chat_messages, vllm_server
+
+    image, question, ratio = make_image(23), "which shape is on the left?", 0.111
+    messages = image_chat_messages(question, [image])
+    log = tmp_path_factory.mktemp("logs") / "layer_server.log"
+    args = ["--plugin", "trio", "--trio-mode", "layer", "--trio-depth", str(TEST_DEPTH)]
+    with vllm_server(tiny_ckpt, args, log) as url:
+        body = {
+            "model": requests.get(f"{url}/v1/models", timeout=30).json()["data"][0]["id"],
+            "messages": messages,
+            "max_tokens": 1,
+            "temperature": 0,
+            "logprobs": True,
+            "top_logprobs": 20,
+            "return_tokens_as_token_ids": True,
+            "vllm_xargs": {"keep_ratio": ratio},
+        }
+        reply = requests.post(f"{url}/v1/chat/completions", json=body, timeout=120)
+        assert reply.status_code == 200, reply.text
+        reply = reply.json()
+    top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+    served = {int(t["token"].removeprefix("token_id:")): t["logprob"] for t in top}
+
+    def engine_first(llm, params: SamplingParams):
+        [out] = llm.chat(
+            messages, params, use_tqdm=False, mm_processor_kwargs={"trio_keep_ratio": ratio}
+        )
+        return out.outputs[0].logprobs[0], len(out.prompt_token_ids)
+
+    layer, prompt_len = engine_first(layer_llm, FIRST)
+    assert reply["usage"]["prompt_tokens"] == prompt_len  # the pruned prompt
+    assert max(abs(lp - layer[i].logprob) for i, lp in served.items()) < ATOL
+    # The modes are told apart: input mode's log-probabilities are far from these.
+    at_input, _ = engine_first(trio_llm, SamplingParams(temperature=0, max_tokens=1, logprobs=20))
+    common = served.keys() & at_input.keys()
+    assert not common or max(abs(served[i] - at_input[i].logprob) for i in common) > 100 * ATOL
