@@ -15,10 +15,13 @@ from collections.abc import Sequence
 
 import torch
 
-#: Default cap on ``B * S_max`` padded rows per batched side pass: a few
-#: unpruned high-resolution LLaVA-NeXT prompts (2,988 rows at 672x672), or
-#: many small ones. A prompt longer than the cap runs alone.
-MAX_BATCH_ROWS = 8192
+#: Default cap on ``B * S_max`` padded rows per batched side pass. Measured on
+#: one CPU core (``benchmarks/core_speed.py --batch-sizes``, bench shapes):
+#: per image, batches up to about 5,000 rows cost the same as or less than
+#: one prompt at a time, and 12,000-24,000 rows cost 8-23% more (activations
+#: outgrow the caches). So a 672x672 LLaVA-NeXT prompt (2,988 rows) runs
+#: alone and small images go together. A prompt longer than the cap runs alone.
+MAX_BATCH_ROWS = 4096
 
 
 def pad_rows(rows: Sequence[torch.Tensor], value: float = 0) -> torch.Tensor:
