@@ -137,6 +137,10 @@ def batched_and_alone(llm, reqs: list[dict], params) -> tuple[tuple, tuple]:
     """
 
     def run(batch: list[dict]) -> tuple[list, list]:
+        # Nothing may come from a cache: every image must be encoded and scored.
+        llm.reset_prefix_cache()
+        llm.reset_mm_cache()
+        llm.llm_engine.reset_encoder_cache()
         llm.apply_model(_clear_selection_log)
         outputs = llm.generate(batch, params, use_tqdm=False)
         [records] = llm.apply_model(_selection_records)

@@ -16,11 +16,12 @@ from collections.abc import Sequence
 import torch
 
 #: Default cap on ``B * S_max`` padded rows per batched side pass. Measured on
-#: one CPU core (``benchmarks/core_speed.py --batch-sizes``, bench shapes):
-#: per image, batches up to about 5,000 rows cost the same as or less than
-#: one prompt at a time, and 12,000-24,000 rows cost 8-23% more (activations
-#: outgrow the caches). So a 672x672 LLaVA-NeXT prompt (2,988 rows) runs
-#: alone and small images go together. A prompt longer than the cap runs alone.
+#: one CPU core (``benchmarks/core_speed.py --batch-sizes``, bench shapes,
+#: README "Batched side pass"): per image, batches up to about 5,000 rows run
+#: at 0.92-1.12x the speed of one prompt at a time, and 12,000-24,000 rows
+#: cost 2-17% more (activations outgrow the caches). So a 672x672 LLaVA-NeXT
+#: prompt (2,988 rows) runs alone and small images go together. A prompt
+#: longer than the cap runs alone.
 MAX_BATCH_ROWS = 4096
 
 
