@@ -12,12 +12,20 @@ visual tokens it times, side by side in one run:
 This is the script to run on a lent GPU (``--shape 7b --device cuda --dtype
 bfloat16``): nothing vLLM-specific is needed there.
 
-    python benchmarks/core_speed.py [--shape bench|7b] [--device cpu|cuda]
+With ``--batch-sizes 1 2 4 8`` it times instead the side pass per image when B
+prompts of the same shape are scored in one batched pass (``core.batch``, as
+the binding does for images encoded in one step; B = 1 is the single-prompt
+path), next to the unpruned prefill, and saves
+``core_speed_batch_<shape>_<device>_<dtype>_N<visual>.json``.
+
+    python benchmarks/core_speed.py [--shape bench|7b] [--device cpu|cuda] [--threads 1]
+        [--batch-sizes 1 2 4 8 --depths 2]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import torch
@@ -30,8 +38,10 @@ from vllm_trio.core import (
     decoder_layer,
     nms_select,
     num_kept_tokens,
+    pad_rows,
     rms_norm,
     select_visual_tokens,
+    select_visual_tokens_batch,
 )
 
 SHAPES = {
@@ -69,7 +79,10 @@ def main() -> None:
     ap.add_argument("--text", type=int, default=60)
     ap.add_argument("--depths", type=int, nargs="+", default=[0, 1, 2, 4, 8])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--batch-sizes", type=int, nargs="*", default=[])
     args = ap.parse_args()
+    torch.set_num_threads(args.threads)
     d, num_layers, heads, kv_heads, inter, vocab = SHAPES[args.shape]
     dev, dt = args.device, getattr(torch, args.dtype)
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -122,8 +135,24 @@ def main() -> None:
                 lambda x: rms_norm(x, norm, 1e-5), lambda x: F.linear(x, head),
             )  # fmt: skip
 
+    def side_pass_batch(depth: int, k: int, batch: int) -> None:
+        prompts = [embeds] + [embeds + 0.1 * torch.randn_like(embeds) for _ in range(batch - 1)]
+        pos = pad_rows([torch.arange(seq, device=dev)] * batch)
+        with torch.inference_mode():
+            h = pad_rows(prompts)
+            for w in layers[:depth]:
+                h = decoder_layer(h, w, rotary, pos)
+            select_visual_tokens_batch(
+                h, [seq] * batch, [visual] * batch, [k] * batch,
+                lambda x, q: decoder_layer(x, layers[depth], rotary, pos, q),
+                lambda x: rms_norm(x, norm, 1e-5), lambda x: F.linear(x, head),
+            )  # fmt: skip
+
     full = timed(lambda: prefill(seq), dev, args.repeats)
     rows = [dict(what="prefill", ratio=1.0, tokens=seq, seconds=full, pct=100.0)]
+    if args.batch_sizes:
+        batch_mode(args, rows, full, side_pass, side_pass_batch, num_layers)
+        return
     for r in RATIOS[1:]:
         k = num_kept_tokens(args.visual, r)
         t = timed(lambda k=k: prefill(args.text + k), dev, args.repeats)
@@ -151,6 +180,56 @@ def main() -> None:
     print(table(rows, cols))
     name = f"core_speed_{args.shape}_{dev}"
     print(f"saved {save(name, {'meta': vars(args) | {'device_name': device_name}, 'rows': rows})}")
+
+
+def batch_mode(args, rows: list[dict], full: float, side_pass, side_pass_batch, num_layers: int):
+    """Per-image side pass at each batch size, against the B = 1 path and the prefill.
+
+    The batch sizes are interleaved in every repeat, so drift in a shared
+    machine's load hits them alike; CPU time (this process's, one thread) is
+    reported next to wall time because other jobs inflate it far less.
+    """
+    k111 = num_kept_tokens(args.visual, 0.111)
+    for depth in args.depths:
+        runs = {
+            batch: (lambda d=depth: side_pass(d, k111))
+            if batch == 1
+            else (lambda d=depth, b=batch: side_pass_batch(d, k111, b))
+            for batch in args.batch_sizes
+        }
+        times: dict[int, list[tuple[float, float]]] = {b: [] for b in runs}
+        for fn in runs.values():
+            fn()  # warm-up
+        for _ in range(args.repeats):
+            for batch, fn in runs.items():
+                wall, cpu = time.perf_counter(), time.process_time()
+                fn()
+                sync(args.device)
+                times[batch].append((time.perf_counter() - wall, time.process_time() - cpu))
+        single = None
+        for batch, t in times.items():
+            wall = statistics.median(w for w, _ in t) / batch
+            cpu = statistics.median(c for _, c in t) / batch
+            single = single or (wall, cpu)
+            rows.append(
+                dict(what=f"side pass L={depth}", batch=batch, tokens=args.text + args.visual,
+                     seconds=wall, cpu_seconds=cpu, pct=100 * wall / full,
+                     target_pct=100 * (depth + 0.5) / num_layers,
+                     speedup=single[0] / wall, cpu_speedup=single[1] / cpu)
+            )  # fmt: skip
+    print(
+        f"shape={args.shape} device={args.device} dtype={args.dtype} N={args.visual} "
+        f"threads={args.threads}; side pass seconds are per image"
+    )
+    cols = [
+        ("what", "what", ""), ("batch", "B", "d"), ("tokens", "tokens", "d"),
+        ("seconds", "s/image", ".4f"), ("cpu_seconds", "cpu s/image", ".4f"),
+        ("pct", "% of prefill", ".1f"), ("target_pct", "(L+.5)/layers %", ".1f"),
+        ("speedup", "x vs B=1", ".2f"), ("cpu_speedup", "cpu x vs B=1", ".2f"),
+    ]  # fmt: skip
+    print(table(rows, cols))
+    name = f"core_speed_batch_{args.shape}_{args.device}_{args.dtype}_N{args.visual}"
+    print(f"saved {save(name, {'meta': vars(args), 'rows': rows})}")
 
 
 if __name__ == "__main__":

@@ -21,7 +21,13 @@ time and in the process's CPU time (``cpu_vs_input``; the engines run in this
 process, and CPU time is far less inflated by other jobs on a shared machine).
 
     python benchmarks/prefill.py [--preset bench] [--depth 2] [--repeats 3] [--tp 1]
-        [--modes input,layer] [--ratios 1,0.333,0.222,0.111]
+        [--modes input,layer] [--ratios 1,0.333,0.222,0.111] [--concurrent 8]
+
+With ``--concurrent C`` each pruned row also gets ``side_cC_s``/``side_cC_pct``:
+the in-engine side pass per image when C copies of the request arrive
+together (their images are encoded in one step and scored in one batched side
+pass; each image's logged time is its share of the batch), and ``batch_cC``,
+the largest batch the selection log recorded.
 
 ``--preset qwen-bench`` runs the same on a Qwen2.5-VL-7B-shaped checkpoint
 (results in ``prefill_qwen-bench.json``).
@@ -84,6 +90,20 @@ def trio_times(
     }
 
 
+def concurrent_side_pass(
+    trio, req: dict, params: SamplingParams, copies: int, repeats: int
+) -> tuple[float, int]:
+    """Median in-engine side pass per image when ``copies`` of ``req`` arrive
+    together, and the largest batched side pass the selection log recorded."""
+    per_image, batch = [], 0
+    for _ in range(repeats + 1):  # the first run warms up
+        trio.generate([req] * copies, params, use_tqdm=False)
+        log = trio.apply_model(selection_log)[0][-copies:]
+        per_image.append(statistics.mean(rec.side_pass_s for rec in log))
+        batch = max(batch, *(rec.batch_size for rec in log))
+    return statistics.median(per_image[1:]), batch
+
+
 COLUMNS = [
     ("engine", "engine", ""), ("mode", "mode", ""), ("image", "image", ""),
     ("ratio", "ratio", ".3f"),
@@ -112,6 +132,9 @@ def main() -> None:
     ap.add_argument("--tp", type=int, default=1, help="tensor-parallel workers per engine")
     ap.add_argument("--modes", default="input", help="comma-separated --trio-mode values")
     ap.add_argument("--ratios", default=",".join(str(r) for r in RATIOS))
+    ap.add_argument(
+        "--concurrent", type=int, default=0, help="also time the side pass of C requests at once"
+    )
     args = ap.parse_args()
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes.split(",")]
     modes = tuple(args.modes.split(","))
@@ -164,6 +187,11 @@ def main() -> None:
                 if r < 1.0:
                     row["side_s"] = prefill[mode][2]
                     row["side_pct"] = 100 * row["side_s"] / base["prefill_s"]
+                if r < 1.0 and args.concurrent:
+                    c = args.concurrent
+                    side, batch = concurrent_side_pass(trio, req, first, c, args.repeats)
+                    row[f"side_c{c}_s"], row[f"batch_c{c}"] = side, batch
+                    row[f"side_c{c}_pct"] = 100 * side / base["prefill_s"]
                 rows.append(row)
         for row in rows[-1 - len(ratios) * len(modes) :]:
             row["kv_x"] = base["blocks"] / row["blocks"]
@@ -179,16 +207,28 @@ def main() -> None:
         block_size=args.block_size,
         tensor_parallel_size=args.tp,
         modes=list(modes),
+        concurrent=args.concurrent,
         num_layers=model_config.hf_config.get_text_config().num_hidden_layers,
         dtype=str(model_config.dtype),
     )
     print(" ".join(f"{k}={v}" for k, v in meta.items()))
-    print(table(rows, COLUMNS))
+    columns = COLUMNS
+    if args.concurrent:
+        c = args.concurrent
+        columns = [
+            *COLUMNS,
+            (f"side_c{c}_s", f"side s x{c}", ".3f"),
+            (f"side_c{c}_pct", f"side % x{c}", ".1f"),
+            (f"batch_c{c}", "batch", "d"),
+        ]
+    print(table(rows, columns))
     name = "prefill" if args.tp == 1 else f"prefill_tp{args.tp}"
     if fam == "qwen":
         name += f"_{args.preset}"
     if modes != ("input",):
         name += "_" + "_".join(modes)
+    if args.concurrent:
+        name += f"_concurrent{args.concurrent}"
     print(f"saved {save(name, {'meta': meta, 'rows': rows})}")
 
 

@@ -108,3 +108,56 @@ def qwen_ckpt(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trio_dev.qwen_checkpoints import build_qwen_checkpoint
 
     return build_qwen_checkpoint(tmp_path_factory.mktemp("qwen") / "tiny", "qwen-tiny", seed=0)
+
+
+def _clear_selection_log(model) -> None:
+    model.trio_selection_log.clear()
+
+
+def _selection_records(model) -> list:
+    return list(model.trio_selection_log)
+
+
+def _batching_off(model) -> None:
+    model.trio_max_batch_rows = 1  # every image alone: the single-prompt side pass
+
+
+def _batching_default(model) -> None:
+    del model.trio_max_batch_rows  # back to the class default
+
+
+def batched_and_alone(llm, reqs: list[dict], params) -> tuple[tuple, tuple]:
+    """``reqs`` submitted together, then each alone with batched side passes off.
+
+    Together, the images of requests scheduled in the same step are encoded
+    in one ``embed_multimodal`` call, hence one batched side pass; alone,
+    every image runs the single-prompt side pass. Returns ``(outputs,
+    selection records)`` of each way; records are keyed by ``(prompt ids,
+    ordinal)``.
+    """
+
+    def run(batch: list[dict]) -> tuple[list, list]:
+        # Nothing may come from a cache: every image must be encoded and scored.
+        llm.reset_prefix_cache()
+        llm.reset_mm_cache()
+        llm.llm_engine.reset_encoder_cache()
+        llm.apply_model(_clear_selection_log)
+        outputs = llm.generate(batch, params, use_tqdm=False)
+        [records] = llm.apply_model(_selection_records)
+        return outputs, records
+
+    together, together_log = run(reqs)
+    llm.apply_model(_batching_off)
+    try:
+        alone, alone_log = [], []
+        for req in reqs:
+            out, log = run([req])
+            alone += out
+            alone_log += log
+    finally:
+        llm.apply_model(_batching_default)
+
+    def keyed(log: list) -> dict:
+        return {(tuple(r.prompt_ids), r.ordinal): r for r in log}
+
+    return (together, keyed(together_log)), (alone, keyed(alone_log))

@@ -4,7 +4,8 @@ Two real processes joined by ``torch.distributed`` (gloo, loopback) each hold
 one shard of a random Llama layer pair and LM head, sharded the way vLLM's
 ``QKVParallelLinear``/``MergedColumnParallelLinear``/``RowParallelLinear``/
 ``ParallelLMHead`` shard them. Forward layers, the proxy-loss gradient and the
-NMS selection must match a single process holding the whole weights. float64
+NMS selection must match a single process holding the whole weights, also for
+a padded batch of two prompts scored at once (each against its solo result). float64
 so the only difference left is summation order.
 """
 
@@ -26,8 +27,10 @@ from vllm_trio.core import (
     TrioParams,
     decoder_layer,
     lm_head_logits,
+    pad_rows,
     rms_norm,
     select_visual_tokens,
+    select_visual_tokens_batch,
 )
 
 WORLD = 2
@@ -77,18 +80,23 @@ def shard_layer(w: LlamaLayerWeights, rank: int, world: int) -> LlamaLayerWeight
     )
 
 
-def side_pass(model: dict, k: int, tp: TensorParallel | None) -> dict[str, torch.Tensor]:
-    """Layer 0 forward, then TRIO's selection at layer 1 (``tp``: sharded weights)."""
+def _shards(model: dict, tp: TensorParallel | None) -> tuple[list[LlamaLayerWeights], torch.Tensor]:
     rank, world = (0, 1) if tp is None else (tp.rank, tp.world_size)
     layers = [shard_layer(w, rank, world) for w in model["layers"]]
     per_rank = PADDED_VOCAB // world
-    head = model["head"][rank * per_rank : (rank + 1) * per_rank]
-    pos = torch.arange(SEQ)
+    return layers, model["head"][rank * per_rank : (rank + 1) * per_rank]
+
+
+def side_pass(model: dict, k: int, tp: TensorParallel | None, seq: int = SEQ) -> dict:
+    """Layer 0 forward, then TRIO's selection at layer 1 (``tp``: sharded weights),
+    on the first ``seq`` rows of the prompt."""
+    layers, head = _shards(model, tp)
+    pos = torch.arange(seq)
     with torch.no_grad():
-        hidden = decoder_layer(model["embeds"], layers[0], model["rotary"], pos, tp=tp)
+        hidden = decoder_layer(model["embeds"][:seq], layers[0], model["rotary"], pos, tp=tp)
     selection = select_visual_tokens(
         hidden,
-        torch.arange(SEQ)[VISUAL],
+        torch.arange(seq)[VISUAL],
         k,
         lambda h, qi: decoder_layer(h, layers[1], model["rotary"], pos, qi, tp=tp),
         lambda h: rms_norm(h, model["norm"], 1e-5),
@@ -96,6 +104,34 @@ def side_pass(model: dict, k: int, tp: TensorParallel | None) -> dict[str, torch
         TrioParams(),
     )
     return {"hidden": hidden, "saliency": selection.saliency, "keep": selection.keep}
+
+
+#: The batched side pass scores prompts of these lengths (prefixes of the
+#: model's prompt), keeping ``k`` and ``k // 2`` of their visual rows.
+BATCH_SEQS = (SEQ, 27)
+
+
+def side_pass_batch(model: dict, k: int, tp: TensorParallel | None) -> list[dict]:
+    """:func:`side_pass` of every ``BATCH_SEQS`` prompt, as one padded batch."""
+    layers, head = _shards(model, tp)
+    prompts = [model["embeds"][:n] for n in BATCH_SEQS]
+    pos = pad_rows([torch.arange(n) for n in BATCH_SEQS])
+    with torch.no_grad():
+        hidden = decoder_layer(pad_rows(prompts), layers[0], model["rotary"], pos, tp=tp)
+    selections = select_visual_tokens_batch(
+        hidden,
+        BATCH_SEQS,
+        [torch.arange(n)[VISUAL] for n in BATCH_SEQS],
+        [k, k // 2],
+        lambda h, qi: decoder_layer(h, layers[1], model["rotary"], pos, qi, tp=tp),
+        lambda h: rms_norm(h, model["norm"], 1e-5),
+        lambda h: lm_head_logits(h, head, VOCAB, tp),
+        TrioParams(),
+    )
+    return [
+        {"hidden": hidden[b, :n], "saliency": s.saliency, "keep": s.keep}
+        for b, (n, s) in enumerate(zip(BATCH_SEQS, selections, strict=True))
+    ]
 
 
 def _torch_tp(rank: int, world: int) -> TensorParallel:
@@ -116,7 +152,8 @@ def _rank_main(rank: int, out_dir: str, heads: int, kv_heads: int, k: int) -> No
         "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD
     )
     try:
-        result = side_pass(_model(heads, kv_heads), k, _torch_tp(rank, WORLD))
+        model, tp = _model(heads, kv_heads), _torch_tp(rank, WORLD)
+        result = {"solo": side_pass(model, k, tp), "batch": side_pass_batch(model, k, tp)}
         torch.save(result, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -130,12 +167,16 @@ def test_sharded_side_pass_matches_unsharded(tmp_path: Path, heads: int, kv_head
     mp.start_processes(
         _rank_main, args=(str(tmp_path), heads, kv_heads, k), nprocs=WORLD, start_method="spawn"
     )
-    whole = side_pass(_model(heads, kv_heads), k, None)
+    model = _model(heads, kv_heads)
+    whole = side_pass(model, k, None)
+    # The batched sharded pass must give each prompt its unsharded solo result.
+    alone = [side_pass(model, kk, None, n) for n, kk in zip(BATCH_SEQS, (k, k // 2), strict=True)]
     for rank in range(WORLD):
-        shard = torch.load(tmp_path / f"rank{rank}.pt")
-        torch.testing.assert_close(shard["hidden"], whole["hidden"], rtol=1e-12, atol=1e-12)
-        torch.testing.assert_close(shard["saliency"], whole["saliency"], rtol=1e-6, atol=1e-9)
-        assert shard["keep"].tolist() == whole["keep"].tolist()
+        result = torch.load(tmp_path / f"rank{rank}.pt")
+        for shard, want in zip([result["solo"], *result["batch"]], [whole, *alone], strict=True):
+            torch.testing.assert_close(shard["hidden"], want["hidden"], rtol=1e-12, atol=1e-12)
+            torch.testing.assert_close(shard["saliency"], want["saliency"], rtol=1e-6, atol=1e-9)
+            assert shard["keep"].tolist() == want["keep"].tolist()
     # Not a vacuous comparison: the gradient is spread over the visual tokens.
     assert whole["saliency"].min() > 0 and whole["saliency"].std() > 0
 

@@ -224,6 +224,7 @@ WHEEL_FILES = [
     "vllm_trio/binding/trio_processor.py",
     "vllm_trio/config.py",
     "vllm_trio/core/__init__.py",
+    "vllm_trio/core/batch.py",
     "vllm_trio/core/budget.py",
     "vllm_trio/core/llama_layer.py",
     "vllm_trio/core/mrope.py",

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_image
+from conftest import batched_and_alone, make_image
 from openai import BadRequestError, OpenAI
 from vllm import SamplingParams
 
@@ -255,6 +255,27 @@ def test_mixed_batch_equals_each_request_alone(qwen_trio, qwen_alone) -> None:
     batch = qwen_trio.generate(reqs, GREEDY, use_tqdm=False)
     for req, got in zip(reqs, batch, strict=True):
         [want] = qwen_alone.generate([req], GREEDY, use_tqdm=False)
+        assert got.prompt_token_ids == want.prompt_token_ids
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_images_encoded_in_one_step_select_as_one_at_a_time(qwen_alone) -> None:
+    """One batched side pass over images of different grids (each its own M-RoPE
+    table) selects and answers as each image alone."""
+    tall, wide, square = make_image(51, (336, 112)), make_image(52, (112, 336)), make_image(53)
+    reqs = [
+        request("what is at the top?", [tall], 0.111),
+        request("which image is brighter?", [wide, square], 0.222),
+        request("count the squares", [square], 0.5),
+        request("where is the red one?", [wide], 0.25),
+    ]
+    (together, batch_log), (alone, alone_log) = batched_and_alone(qwen_alone, reqs, GREEDY)
+    assert batch_log.keys() == alone_log.keys() and len(batch_log) == 5
+    assert {r.batch_size for r in batch_log.values()} == {5}
+    assert {r.batch_size for r in alone_log.values()} == {1}
+    for key, rec in batch_log.items():
+        assert rec.keep == alone_log[key].keep, key
+    for got, want in zip(together, alone, strict=True):
         assert got.prompt_token_ids == want.prompt_token_ids
         assert got.outputs[0].token_ids == want.outputs[0].token_ids
 

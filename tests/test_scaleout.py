@@ -129,6 +129,9 @@ def test_tp2_selects_and_answers_as_tp1(tp2_llm, trio_llm_nocache) -> None:
     tp1_out = trio_llm_nocache.generate(requests, GREEDY)
     logs = tp2_llm.apply_model(selection_log)
     assert len(logs) == TP  # one log per worker: the side pass ran on every rank
+    # The images were encoded in one step: one batched side pass over shards
+    # (its kept indices broadcast from rank 0 in one message).
+    assert all(max(r.batch_size for r in log) > 1 for log in logs)
     [tp1_log] = trio_llm_nocache.apply_model(selection_log)
     tokenizer = tp2_llm.get_tokenizer()
     for (question, sizes, _), one, two in zip(CASES, tp1_out, tp2_out, strict=True):

@@ -4,7 +4,8 @@
   image before and after pruning (histogram; ``_sum`` gives the totals);
 - ``vllm:trio_keep_ratio``: the keep ratio each image was served with;
 - ``vllm:trio_side_pass_seconds``: wall time of one image's side pass
-  (context, layers 0..L, gradient, NMS).
+  (context, layers 0..L, gradient, NMS); images scored in one batched pass
+  each record their context time plus the batch's time over its images.
 
 Labels: ``model_name`` (and ``stage``), nothing per request, so series never
 explode. Why a collector of our own instead of ``prometheus_client`` metrics:
@@ -47,7 +48,8 @@ METRICS: dict[str, tuple[str, tuple[float, ...], tuple[str, ...]]] = {
         ("model_name",),
     ),
     "vllm:trio_side_pass_seconds": (
-        "Wall time of one image's TRIO side pass (context, layers 0..L, gradient, NMS).",
+        "Wall time of one image's TRIO side pass (context, layers 0..L, gradient, NMS); "
+        "images scored in one batched pass each count an equal share of its time.",
         (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0),
         ("model_name",),
     ),

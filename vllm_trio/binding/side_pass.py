@@ -14,9 +14,17 @@ Under tensor parallelism the references are this rank's shards: every rank
 runs the side pass on the same prompt with ``vllm_trio.core.TensorParallel``
 placing the collectives (and their conjugate gradients), so each rank ends up
 with the saliency the unsharded model would give.
+
+Several prompts (the images one ``embed_multimodal`` call encodes) can be
+scored in one batched pass (:meth:`LlamaSidePass.select_batch`): right-padded
+to the longest, each with its own positions; the rotary tables of prompts
+whose family gives each prompt its own (M-RoPE) are concatenated, so the
+batch indexes one table.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
@@ -29,8 +37,10 @@ from ..core import (
     TrioParams,
     decoder_layer,
     lm_head_logits,
+    pad_rows,
     rms_norm,
     select_visual_tokens,
+    select_visual_tokens_batch,
 )
 
 
@@ -112,6 +122,25 @@ class LlamaSidePass:
             positions = torch.arange(seq_len, device=device)
         return refs.rotary(), positions
 
+    def batch_rotary_at(
+        self, refs: _LayerRefs, positions: Sequence[torch.Tensor | None], lengths: list[int], device
+    ) -> tuple[Rotary, torch.Tensor]:
+        """:meth:`rotary_at` of several prompts as one table and ``[B, S_max]`` rows.
+
+        Prompts sharing one table (plain positions) index it; per-prompt tables
+        (M-RoPE) are concatenated and each prompt's rows offset into its part.
+        Padding rows point at row 0.
+        """
+        parts = [
+            self.rotary_at(refs, p, n, device) for p, n in zip(positions, lengths, strict=True)
+        ]
+        tables = [rotary for rotary, _ in parts]
+        if all(t.cos_sin is tables[0].cos_sin for t in tables):
+            return tables[0], pad_rows([rows for _, rows in parts])
+        offsets = torch.tensor([0, *(t.cos_sin.shape[0] for t in tables[:-1])]).cumsum(0)
+        table = Rotary(torch.cat([t.cos_sin for t in tables]), is_neox=tables[0].is_neox)
+        return table, pad_rows([rows + int(o) for (_, rows), o in zip(parts, offsets, strict=True)])
+
     def hidden_at_depth(
         self, embeds: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
@@ -156,3 +185,44 @@ class LlamaSidePass:
             return lm_head_logits(h, head_w, self._vocab_size, tp)
 
         return select_visual_tokens(hidden, visual_index, k, layer_fn, norm_fn, head_fn, params)
+
+    def select_batch(
+        self,
+        embeds: Sequence[torch.Tensor],
+        visual_index: Sequence[torch.Tensor],
+        ks: Sequence[int],
+        params: TrioParams,
+        positions: Sequence[torch.Tensor | None],
+    ) -> tuple[list[Selection], list[torch.Tensor]]:
+        """:meth:`select` of several prompts in one batched pass.
+
+        Returns each prompt's selection and its (unpadded) states entering
+        layer ``depth``, as :meth:`hidden_at_depth` gives them for one prompt
+        up to summation order.
+        """
+        lengths = [e.shape[0] for e in embeds]
+        device = embeds[0].device
+        hidden = pad_rows(embeds)
+        with torch.no_grad():
+            for refs in self._layers[: self.depth]:
+                rotary, rows = self.batch_rotary_at(refs, positions, lengths, device)
+                hidden = decoder_layer(hidden, refs.weights(), rotary, rows, tp=self._tp)
+        refs = self._layers[self.depth]
+        weights = refs.weights()
+        rotary, rows = self.batch_rotary_at(refs, positions, lengths, device)
+        norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
+        head_w, tp = self._lm_head.weight.data, self._tp
+
+        def layer_fn(h: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+            return decoder_layer(h, weights, rotary, rows, query_index, tp=tp)
+
+        def norm_fn(h: torch.Tensor) -> torch.Tensor:
+            return rms_norm(h, norm_w, norm_eps)
+
+        def head_fn(h: torch.Tensor) -> torch.Tensor:
+            return lm_head_logits(h, head_w, self._vocab_size, tp)
+
+        selections = select_visual_tokens_batch(
+            hidden, lengths, visual_index, ks, layer_fn, norm_fn, head_fn, params
+        )
+        return selections, [hidden[b, :n] for b, n in enumerate(lengths)]

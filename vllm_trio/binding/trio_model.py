@@ -17,6 +17,12 @@ embeddings make up the prompt.
 Other images of the same prompt are left out of an image's side-pass context
 (each item is scored on its own), because vLLM may encode the items of one
 request in different steps and the selection must not depend on scheduling.
+
+The images of one ``embed_multimodal`` call (vLLM batches every image it
+encodes in a step, across requests) are scored in one batched side pass,
+right-padded (``core.batch``), so the fixed costs of a side pass are paid
+once per batch. Each image's selection is its solo one up to summation order
+(``tests/test_core_batch.py``, ``tests/test_engine.py``).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from vllm.distributed import (
 
 from .. import metrics
 from ..config import TrioConfig
-from ..core import TensorParallel, TrioParams
+from ..core import MAX_BATCH_ROWS, TensorParallel, TrioParams, plan_batches
 from .side_pass import LlamaSidePass
 from .trio_processor import TRIO_FIELDS
 
@@ -50,13 +56,16 @@ ContextPositions = Callable[[int, int, int], torch.Tensor | None]
 @dataclass(frozen=True)
 class SelectionRecord:
     """One image's selection: its prompt, which image it is, N, kept indices,
-    and the wall time of its side pass (context build, layers 0..L, NMS)."""
+    the wall time of its side pass (its context build plus its share of the
+    batched layers 0..L, gradient and NMS: the batch's time over its images),
+    and how many images that batched pass scored."""
 
     prompt_ids: tuple[int, ...]
     ordinal: int
     num_tokens: int
     keep: list[int]
     side_pass_s: float
+    batch_size: int = 1
 
 
 @dataclass(frozen=True)
@@ -70,11 +79,29 @@ class SidePassResult:
     visual_index: torch.Tensor
 
 
+@dataclass
+class _Pending:
+    """One image waiting for its side pass: its context, and the seconds spent on it."""
+
+    index: int
+    k: int
+    prompt_ids: torch.Tensor
+    ordinal: int
+    embeds: torch.Tensor
+    visual_index: torch.Tensor
+    positions: torch.Tensor | None
+    seconds: float
+    batch_size: int = 1
+
+
 class TrioModelMixin:
     """Scores and selects each image's visual tokens; families call :meth:`trio_keep`."""
 
     config: object  # the model's HF config, with the trio_* fields
     trio_image_token_id: int
+    #: Cap on ``B * S_max`` padded rows of one batched side pass (bounds its
+    #: activation memory); a longer single prompt runs alone.
+    trio_max_batch_rows: int = MAX_BATCH_ROWS
 
     def init_trio(
         self,
@@ -126,58 +153,87 @@ class TrioModelMixin:
         trio: Mapping[str, object],
         context_positions: ContextPositions | None = None,
     ) -> list[SidePassResult | None]:
-        """Each image's side pass: kept indices and its context (None: keep all)."""
+        """Each image's side pass: kept indices and its context (None: keep all).
+
+        The images that need one (k < N) are scored together, in batches of
+        at most ``trio_max_batch_rows`` padded rows (``core.plan_batches``); a
+        batch of one runs the single-prompt path.
+        """
         if trio["trio_num_keep"] is None:
             return [None] * len(features)
-        results: list[SidePassResult | None] = []
+        pending: list[_Pending] = []
         for i, feats in enumerate(features):
             k = int(batch_item(trio["trio_num_keep"], i))
             if k >= feats.shape[0]:
-                results.append(None)
                 continue
+            start = time.perf_counter()
             prompt_ids = batch_item(trio["trio_prompt_ids"], i)
             ordinal = int(batch_item(trio["trio_ordinal"], i))
-            start = time.perf_counter()
-            result = self._select(feats, prompt_ids, ordinal, k, i, context_positions)
+            embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
+            positions = None
+            if context_positions is not None:
+                before = int(visual_index[0])
+                after = embeds.shape[0] - before - feats.shape[0]
+                positions = context_positions(i, before, after)
             seconds = time.perf_counter() - start
+            pending.append(
+                _Pending(i, k, prompt_ids, ordinal, embeds, visual_index, positions, seconds)
+            )
+        done: dict[int, SidePassResult] = {}
+        lengths = [p.embeds.shape[0] for p in pending]
+        for batch in plan_batches(lengths, self.trio_max_batch_rows):
+            items = [pending[j] for j in batch]
+            start = time.perf_counter()
+            batch_results = self._select(items)
+            share = (time.perf_counter() - start) / len(items)
+            for item, result in zip(items, batch_results, strict=True):
+                done[item.index] = result
+                item.seconds += share
+                item.batch_size = len(items)
+        for item in pending:  # metrics and log per image, in item order
+            result = done[item.index]
             if self._tp is None or self._tp.rank == 0:  # once per image, not per rank
-                metrics.observe("vllm:trio_side_pass_seconds", seconds, (self._model_name,))
+                metrics.observe("vllm:trio_side_pass_seconds", item.seconds, (self._model_name,))
             self.trio_selection_log.append(
                 SelectionRecord(
-                    prompt_ids=tuple(prompt_ids.tolist()),
-                    ordinal=ordinal,
-                    num_tokens=feats.shape[0],
+                    prompt_ids=tuple(item.prompt_ids.tolist()),
+                    ordinal=item.ordinal,
+                    num_tokens=item.visual_index.numel(),
                     keep=result.keep.tolist(),
-                    side_pass_s=seconds,
+                    side_pass_s=item.seconds,
+                    batch_size=item.batch_size,
                 )
             )
-            results.append(result)
-        return results
+        return [done.get(i) for i in range(len(features))]
 
-    def _select(
-        self,
-        feats: torch.Tensor,
-        prompt_ids: torch.Tensor,
-        ordinal: int,
-        k: int,
-        item: int,
-        context_positions: ContextPositions | None,
-    ) -> SidePassResult:
-        """One image's ``feats`` ``[N, D]`` scored in its prompt: kept indices and context."""
-        embeds, visual_index = self._side_pass_context(feats, prompt_ids, ordinal)
-        positions = None
-        if context_positions is not None:
-            before = int(visual_index[0])
-            after = embeds.shape[0] - before - feats.shape[0]
-            positions = context_positions(item, before, after)
-        hidden = self._side_pass.hidden_at_depth(embeds, positions)
-        keep = self._side_pass.select(
-            embeds, visual_index, k, self.trio_params, positions, hidden
-        ).keep
+    def _select(self, items: Sequence[_Pending]) -> list[SidePassResult]:
+        """Kept indices of a batch of images, each scored in its own prompt."""
+        if len(items) == 1:
+            [item] = items
+            hidden = self._side_pass.hidden_at_depth(item.embeds, item.positions)
+            keeps = [
+                self._side_pass.select(
+                    item.embeds, item.visual_index, item.k, self.trio_params, item.positions, hidden
+                ).keep
+            ]
+            hiddens = [hidden]
+        else:
+            selections, hiddens = self._side_pass.select_batch(
+                [p.embeds for p in items],
+                [p.visual_index for p in items],
+                [p.k for p in items],
+                self.trio_params,
+                [p.positions for p in items],
+            )
+            keeps = [s.keep for s in selections]
         if self._tp is not None:
             # Ranks agree up to summation order; rank 0 decides near-ties.
-            keep = get_tp_group().broadcast(keep, src=0)
-        return SidePassResult(keep, embeds, hidden, visual_index)
+            sizes = [k.numel() for k in keeps]
+            keeps = list(get_tp_group().broadcast(torch.cat(keeps), src=0).split(sizes))
+        return [
+            SidePassResult(keep, p.embeds, hidden, p.visual_index)
+            for p, keep, hidden in zip(items, keeps, hiddens, strict=True)
+        ]
 
     def _side_pass_context(
         self, feats: torch.Tensor, prompt_ids: torch.Tensor, ordinal: int

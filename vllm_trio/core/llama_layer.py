@@ -26,7 +26,8 @@ class Rotary:
     is_neox: bool = True
 
     def cos_sin_at(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cs = self.cos_sin.index_select(0, positions)
+        """``cos``/``sin`` ``[*positions.shape, rotary_dim / 2]`` of the rows at ``positions``."""
+        cs = self.cos_sin.index_select(0, positions.flatten()).view(*positions.shape, -1)
         cos, sin = cs.chunk(2, dim=-1)
         return cos, sin
 
@@ -59,11 +60,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 def apply_rotary(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, is_neox: bool
 ) -> torch.Tensor:
-    """Rotate ``x`` ``[T, H, hd]`` by per-row ``cos``/``sin`` ``[T, rot/2]``."""
+    """Rotate ``x`` ``[..., T, H, hd]`` by per-row ``cos``/``sin`` ``[..., T, rot/2]``."""
     rot = cos.shape[-1] * 2
     x_rot, x_pass = x[..., :rot], x[..., rot:]
-    cos = cos.unsqueeze(1).to(x.dtype)
-    sin = sin.unsqueeze(1).to(x.dtype)
+    cos = cos.unsqueeze(-2).to(x.dtype)
+    sin = sin.unsqueeze(-2).to(x.dtype)
     if is_neox:
         x1, x2 = x_rot.chunk(2, dim=-1)
         out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -81,36 +82,50 @@ def decoder_layer(
     query_index: torch.Tensor | None = None,
     tp: TensorParallel | None = None,
 ) -> torch.Tensor:
-    """Residual-stream output of one Llama layer.
+    """Residual-stream output of one Llama layer, for one prompt or a padded batch.
 
     Args:
-        hidden: ``[S, D]`` residual stream entering the layer.
-        positions: ``[S]`` rotary positions of the rows.
-        query_index: rows whose output is wanted (default: all). Keys and
-            values are computed for every row; queries, the MLP and the
-            residual only for these rows, which is exact under causal attention.
+        hidden: ``[S, D]`` residual stream entering the layer, or ``[B, S, D]``:
+            B prompts right-padded to S rows (rows past a prompt's length are
+            padding, whatever their content).
+        positions: ``[S]`` (``[B, S]``) rotary positions of the rows; any
+            in-table value at padding rows.
+        query_index: ``[Q]`` (``[B, Q]``) rows whose output is wanted (default:
+            all), each a real row of its prompt. Keys and values are computed
+            for every row; queries, the MLP and the residual only for these
+            rows, which is exact under causal attention.
         tp: the tensor-parallel group when ``w`` holds one rank's shards
             (vLLM's layout: q/k/v heads and gate/up rows split, o_proj and
             down split by input columns); ``hidden`` is the same on every rank.
+
+    Padding needs no mask of its own: with right padding, causal attention at
+    a real row only reaches rows before it, which are real, so the causal mask
+    is also each prompt's key-padding mask. Padding rows' outputs are junk.
+    A single prompt runs as a batch of one (measured bit-identical to the
+    former 2-D code, ``tests/test_core_batch.py``).
     """
-    seq = hidden.shape[0]
+    if hidden.ndim == 2:
+        query = None if query_index is None else query_index.unsqueeze(0)
+        out = decoder_layer(hidden.unsqueeze(0), w, rotary, positions.unsqueeze(0), query, tp)
+        return out.squeeze(0)
+    batch, seq, _ = hidden.shape
     x = rms_norm(hidden, w.input_norm, w.eps)
     if tp is not None:
         x = tp.enter(x)
     if query_index is None:
         x_q, h_q, pos_q = x, hidden, positions
     else:
-        x_q, h_q = x.index_select(0, query_index), hidden.index_select(0, query_index)
-        pos_q = positions.index_select(0, query_index)
+        x_q, h_q = _rows(x, query_index), _rows(hidden, query_index)
+        pos_q = positions.gather(1, query_index)
     q_size = w.num_heads * w.head_dim
     kv_size = w.num_kv_heads * w.head_dim
     wq, wk, wv = w.qkv.split([q_size, kv_size, kv_size], dim=0)
     bq = bk = bv = None
     if w.qkv_bias is not None:
         bq, bk, bv = w.qkv_bias.split([q_size, kv_size, kv_size])
-    q = F.linear(x_q, wq, bq).view(-1, w.num_heads, w.head_dim)
-    k = F.linear(x, wk, bk).view(seq, w.num_kv_heads, w.head_dim)
-    v = F.linear(x, wv, bv).view(seq, w.num_kv_heads, w.head_dim)
+    q = F.linear(x_q, wq, bq).view(batch, -1, w.num_heads, w.head_dim)
+    k = F.linear(x, wk, bk).view(batch, seq, w.num_kv_heads, w.head_dim)
+    v = F.linear(x, wv, bv).view(batch, seq, w.num_kv_heads, w.head_dim)
 
     cos_q, sin_q = rotary.cos_sin_at(pos_q)
     cos_k, sin_k = rotary.cos_sin_at(positions)
@@ -121,16 +136,16 @@ def decoder_layer(
     # SDPA wants [batch, heads, rows, head_dim]: with 3-D inputs PyTorch's CPU
     # dispatch falls back to the math kernel, measured 17x slower for a causal
     # 2,988-token layer (0.90 s vs 0.054 s, bf16, one core).
-    q4, k4, v4 = (t.transpose(0, 1).unsqueeze(0) for t in (q, k, v))
+    q4, k4, v4 = (t.transpose(1, 2) for t in (q, k, v))
     if query_index is None:
         # Full causal prefill: let SDPA skip the masked half.
         attn = F.scaled_dot_product_attention(q4, k4, v4, is_causal=True, enable_gqa=gqa)
     else:
-        # Causal by row index: row query_index[t] sees rows 0..query_index[t].
-        mask = torch.arange(seq, device=hidden.device)[None, :] <= query_index[:, None]
+        # Causal by row index: row query_index[b, t] sees rows 0..query_index[b, t].
+        keys = torch.arange(seq, device=hidden.device)
+        mask = (keys[None, None, :] <= query_index[:, :, None]).unsqueeze(1)
         attn = F.scaled_dot_product_attention(q4, k4, v4, attn_mask=mask, enable_gqa=gqa)
-    attn = attn.squeeze(0)
-    attn = attn.transpose(0, 1).reshape(x_q.shape[0], q_size)
+    attn = attn.transpose(1, 2).reshape(batch, x_q.shape[1], q_size)
     attn_out = F.linear(attn, w.o_proj)
     if tp is not None:
         attn_out = tp.reduce(attn_out)
@@ -146,6 +161,11 @@ def decoder_layer(
     if tp is not None:
         mlp_out = tp.reduce(mlp_out)
     return h + mlp_out
+
+
+def _rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``x[b, index[b, t]]`` for ``x`` ``[B, S, D]`` and ``index`` ``[B, Q]``."""
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
 def lm_head_logits(

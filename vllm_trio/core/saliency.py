@@ -13,7 +13,7 @@ saving is exact.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -82,5 +82,45 @@ def gradient_saliency(
         positions = loss_positions(hidden.shape[0], num_positions, include_final, hidden.device)
         leaf = hidden.detach().clone().requires_grad_(True)
         loss = proxy_loss(leaf, layer_fn, norm_fn, head_fn, positions)
+        (grad,) = torch.autograd.grad(loss, leaf)
+    return grad.float().norm(dim=-1)
+
+
+#: ``layer_fn(hidden[B, S, D], query_index[B, Q]) -> [B, Q, D]``: layer L over
+#: a right-padded batch of prompts, outputs at each prompt's own rows.
+BatchLayerFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def gradient_saliency_batch(
+    hidden: torch.Tensor,
+    lengths: Sequence[int],
+    layer_fn: BatchLayerFn,
+    norm_fn: NormFn,
+    head_fn: HeadFn,
+    num_positions: int = 4,
+    include_final: bool = False,
+) -> torch.Tensor:
+    """Per-token saliency ``[B, S]`` (float32) of a right-padded batch ``[B, S, D]``.
+
+    Prompt ``b`` is the first ``lengths[b]`` rows of ``hidden[b]``. The loss is
+    the sum over prompts of each prompt's own :func:`proxy_loss`, and prompts
+    never see each other's rows, so each prompt's gradient (hence saliency) is
+    its solo one up to summation order; padding rows get 0.
+    """
+    with torch.inference_mode(False), torch.enable_grad():
+        per_item = [loss_positions(n, num_positions, include_final, hidden.device) for n in lengths]
+        width = max(p.numel() for p in per_item)
+        # Very short prompts have fewer loss rows: pad with a repeat of their
+        # last one, which the loss below leaves out.
+        query_index = torch.stack(
+            [torch.cat([p, p[-1:].expand(width - p.numel())]) for p in per_item]
+        )
+        leaf = hidden.detach().clone().requires_grad_(True)
+        logits = head_fn(norm_fn(layer_fn(leaf, query_index))).float()
+        labels = logits.detach().argmax(dim=-1)
+        loss = sum(
+            F.cross_entropy(logits[b, : p.numel()], labels[b, : p.numel()])
+            for b, p in enumerate(per_item)
+        )
         (grad,) = torch.autograd.grad(loss, leaf)
     return grad.float().norm(dim=-1)
