@@ -25,7 +25,8 @@ request runs its own side pass.
 Long form (the default) prints a summary and saves ``benchmarks/results/soak.json``::
 
     python benchmarks/soak.py                      # 240 requests, 16 concurrent
-    python benchmarks/soak.py --requests 400 --url http://127.0.0.1:8000
+    python benchmarks/soak.py --requests 400 --concurrency 32
+    python benchmarks/soak.py --mode layer --out benchmarks/results/soak_layer.json
 
 ``tests/test_soak.py`` runs the same code in a short, bounded form.
 """
@@ -409,6 +410,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cancel-fraction", type=float, default=0.1)
     parser.add_argument("--keep-ratio", type=float, default=0.25, help="server default")
     parser.add_argument("--depth", type=int, default=1)
+    parser.add_argument(
+        "--mode", choices=["input", "layer"], default="input", help="the server's --trio-mode"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--model", type=Path, default=None, help="default: tiny local ckpt")
     parser.add_argument("--out", type=Path, default=RESULTS / "soak.json")
@@ -421,7 +425,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     model = args.model or build_checkpoint(Path("artifacts") / "ckpt-tiny", preset="tiny", seed=0)
     server_args = [*SERVER_ARGS, "--trio-keep-ratio", str(args.keep_ratio),
-                   "--trio-depth", str(args.depth)]  # fmt: skip
+                   "--trio-depth", str(args.depth), "--trio-mode", args.mode]  # fmt: skip
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "soak_server.log"
         with vllm_server_process(model, server_args, log) as server:
@@ -444,6 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "model": str(model),
         "keep_ratio_default": args.keep_ratio,
         "depth": args.depth,
+        "mode": args.mode,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")

@@ -62,4 +62,12 @@ if [[ "$ROUTE" == gpu ]]; then
 else
   pip install -q -c requirements/constraints-cpu.txt -e '.[test]'
 fi
+# The repo-only tooling (trio_dev/, benchmarks/) is not in the wheel, and
+# `python benchmarks/x.py` puts benchmarks/, not the checkout, on sys.path: the
+# development environment gets the checkout on its path (a .pth file), so the
+# README's benchmark commands run as written.
+"$VENV/bin/python" - "$PWD" <<'PTH'
+import pathlib, sys, sysconfig
+pathlib.Path(sysconfig.get_paths()["purelib"], "vllm_trio_dev.pth").write_text(sys.argv[1] + "\n")
+PTH
 echo "setup done: $VENV ($ROUTE, $(version))"

@@ -161,3 +161,20 @@ def batched_and_alone(llm, reqs: list[dict], params) -> tuple[tuple, tuple]:
         return {(tuple(r.prompt_ids), r.ordinal): r for r in log}
 
     return (together, keyed(together_log)), (alone, keyed(alone_log))
+
+
+def assert_batched_equals_alone(
+    llm, reqs: list[dict], params, images: int, batch_size: int
+) -> None:
+    """:func:`batched_and_alone`, then: ``images`` images scored, together in
+    batches of ``batch_size`` and alone one by one, with the same kept indices,
+    prompt ids and generated tokens."""
+    (together, batch_log), (alone, alone_log) = batched_and_alone(llm, reqs, params)
+    assert batch_log.keys() == alone_log.keys() and len(batch_log) == images
+    assert {r.batch_size for r in batch_log.values()} == {batch_size}
+    assert {r.batch_size for r in alone_log.values()} == {1}
+    for key, rec in batch_log.items():
+        assert rec.keep == alone_log[key].keep, key
+    for got, want in zip(together, alone, strict=True):
+        assert got.prompt_token_ids == want.prompt_token_ids
+        assert got.outputs[0].token_ids == want.outputs[0].token_ids

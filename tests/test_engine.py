@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TEST_DEPTH, batched_and_alone, chat_prompt, make_image
+from conftest import TEST_DEPTH, assert_batched_equals_alone, chat_prompt, make_image
 from hf_helpers import hf_hidden_entering, hf_prompt, load_hf
 from vllm import SamplingParams
 
@@ -162,16 +162,7 @@ def test_images_encoded_in_one_step_select_as_one_at_a_time(trio_llm_nocache) ->
         _request("count the squares", [make_image(27)], 0.5),
         _request("describe", [make_image(28)], 1.0),  # nothing to score
     ]
-    (together, batch_log), (alone, alone_log) = batched_and_alone(trio_llm_nocache, reqs, GREEDY)
-    assert batch_log.keys() == alone_log.keys() and len(batch_log) == 5
-    # All five scored images in one batched pass; alone, each by itself.
-    assert {r.batch_size for r in batch_log.values()} == {5}
-    assert {r.batch_size for r in alone_log.values()} == {1}
-    for key, rec in batch_log.items():
-        assert rec.keep == alone_log[key].keep, key
-    for got, want in zip(together, alone, strict=True):
-        assert got.prompt_token_ids == want.prompt_token_ids
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert_batched_equals_alone(trio_llm_nocache, reqs, GREEDY, images=5, batch_size=5)
 
 
 def test_two_images_each_scored_in_its_own_context(trio_llm_nocache) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ENGINE_KWARGS, TEST_DEPTH, batched_and_alone, chat_prompt, make_image
+from conftest import ENGINE_KWARGS, TEST_DEPTH, assert_batched_equals_alone, chat_prompt, make_image
 from hf_helpers import hf_prompt, load_hf
 from vllm import SamplingParams
 
@@ -136,15 +136,7 @@ def test_batched_side_pass_hands_over_as_one_at_a_time(layer_llm) -> None:
         _request(_prompt("which one has more blue?", 2), [make_image(29), make_image(30)], 0.25),
         _request(_prompt("compare them", 2), [make_image(31), make_image(32, (56, 56))], 0.222),
     ]
-    (together, batch_log), (alone, alone_log) = batched_and_alone(layer_llm, reqs, GREEDY)
-    assert batch_log.keys() == alone_log.keys() and len(batch_log) == 4
-    assert {r.batch_size for r in batch_log.values()} == {2}
-    assert {r.batch_size for r in alone_log.values()} == {1}
-    for key, rec in batch_log.items():
-        assert rec.keep == alone_log[key].keep, key
-    for got, want in zip(together, alone, strict=True):
-        assert got.prompt_token_ids == want.prompt_token_ids
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert_batched_equals_alone(layer_llm, reqs, GREEDY, images=4, batch_size=2)
 
 
 @pytest.mark.engine

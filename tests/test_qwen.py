@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import batched_and_alone, make_image
+from conftest import assert_batched_equals_alone, make_image
 from openai import BadRequestError, OpenAI
 from vllm import SamplingParams
 
@@ -269,15 +269,7 @@ def test_images_encoded_in_one_step_select_as_one_at_a_time(qwen_alone) -> None:
         request("count the squares", [square], 0.5),
         request("where is the red one?", [wide], 0.25),
     ]
-    (together, batch_log), (alone, alone_log) = batched_and_alone(qwen_alone, reqs, GREEDY)
-    assert batch_log.keys() == alone_log.keys() and len(batch_log) == 5
-    assert {r.batch_size for r in batch_log.values()} == {5}
-    assert {r.batch_size for r in alone_log.values()} == {1}
-    for key, rec in batch_log.items():
-        assert rec.keep == alone_log[key].keep, key
-    for got, want in zip(together, alone, strict=True):
-        assert got.prompt_token_ids == want.prompt_token_ids
-        assert got.outputs[0].token_ids == want.outputs[0].token_ids
+    assert_batched_equals_alone(qwen_alone, reqs, GREEDY, images=5, batch_size=5)
 
 
 @pytest.fixture(scope="module")

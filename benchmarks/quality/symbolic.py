@@ -1,16 +1,17 @@
 """Symbolic grid scenes: the language model's first lessons, before it sees pixels.
 
 Measured on the 8-layer grid model (``train_grid``): a freshly initialised
-decoder trained on rendered scenes stayed at the answer prior for 350 chat
-steps (first-token accuracy on colour 0.20, chance 0.17), and so did one fed
-*clean* symbolic visual features instead of the tower's. With symbolic
-features and only the objects a question needs (``max_objects=0``), the same
-decoder reached 0.82 first-token accuracy in 1,000 steps of 8; content lookup
-among distractors is then learned one added object at a time. This module
-provides those inputs, laid out exactly as LLaVA-NeXT packs an image (the
-128-px base tile's 64 tokens, then the high-resolution rows, each followed by
-the image-newline token), so that the decoder's later job differs only in
-where its visual rows come from.
+decoder trained end to end on rendered scenes stayed at the answer prior for
+350 chat steps (first-token accuracy on colour 0.20, chance 0.17), although
+linear probes read colour and shape from its visual tokens at 98-99%: what it
+failed to learn was finding the one token a question is about among ~480.
+Fed symbolic visual rows instead, with only the objects a question needs, the
+same decoder reached 0.67 first-token answer accuracy in 500 steps of 8 (the
+training history in ``TRAINING.json`` has the curve); distractors then come
+in one per phase. This module provides those inputs, laid out exactly as
+LLaVA-NeXT packs an image (the 128-px base tile's 64 tokens, then the
+high-resolution rows, each followed by the image-newline token), so that the
+decoder's later job differs only in where its visual rows come from.
 
 A visual token's symbolic feature is the sum of learned embeddings of what
 its cell holds, using ``train_grid.token_labels``' channels (colour, shape,

@@ -140,7 +140,7 @@ class TrainConfig:
     #: split evenly over ``symbolic_curriculum`` (at most that many objects
     #: besides the question's; -1: no cap) plus one last phase without a cap
     #: in which background tokens come in (kept with probability 0 -> 1).
-    symbolic_steps: int = 3000
+    symbolic_steps: int = 6000
     symbolic_batch: int = 8
     symbolic_lr: float = 1e-3
     symbolic_curriculum: tuple[int, ...] = (0, 1, 2, 3, -1)

@@ -42,6 +42,7 @@ from ..core import (
     select_visual_tokens,
     select_visual_tokens_batch,
 )
+from ..core.saliency import HeadFn, LayerFn, NormFn
 
 
 class _LayerRefs:
@@ -152,6 +153,24 @@ class LlamaSidePass:
                 hidden = decoder_layer(hidden, refs.weights(), rotary, rows, tp=self._tp)
         return hidden
 
+    def _scoring_fns(
+        self, weights: LlamaLayerWeights, rotary: Rotary, positions: torch.Tensor
+    ) -> tuple[LayerFn, NormFn, HeadFn]:
+        """Layer ``depth``, the final norm and the LM head, as the saliency wants them."""
+        norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
+        head_w, tp = self._lm_head.weight.data, self._tp
+
+        def layer_fn(h: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
+            return decoder_layer(h, weights, rotary, positions, query_index, tp=tp)
+
+        def norm_fn(h: torch.Tensor) -> torch.Tensor:
+            return rms_norm(h, norm_w, norm_eps)
+
+        def head_fn(h: torch.Tensor) -> torch.Tensor:
+            return lm_head_logits(h, head_w, self._vocab_size, tp)
+
+        return layer_fn, norm_fn, head_fn
+
     def select(
         self,
         embeds: torch.Tensor,
@@ -172,18 +191,7 @@ class LlamaSidePass:
         refs = self._layers[self.depth]
         weights = refs.weights()
         rotary, positions = self.rotary_at(refs, positions, embeds.shape[0], embeds.device)
-        norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
-        head_w, tp = self._lm_head.weight.data, self._tp
-
-        def layer_fn(h: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-            return decoder_layer(h, weights, rotary, positions, query_index, tp=tp)
-
-        def norm_fn(h: torch.Tensor) -> torch.Tensor:
-            return rms_norm(h, norm_w, norm_eps)
-
-        def head_fn(h: torch.Tensor) -> torch.Tensor:
-            return lm_head_logits(h, head_w, self._vocab_size, tp)
-
+        layer_fn, norm_fn, head_fn = self._scoring_fns(weights, rotary, positions)
         return select_visual_tokens(hidden, visual_index, k, layer_fn, norm_fn, head_fn, params)
 
     def select_batch(
@@ -210,17 +218,7 @@ class LlamaSidePass:
         refs = self._layers[self.depth]
         weights = refs.weights()
         rotary, rows = self.batch_rotary_at(refs, positions, lengths, device)
-        norm_w, norm_eps = self._norm.weight.data, float(self._norm.variance_epsilon)
-        head_w, tp = self._lm_head.weight.data, self._tp
-
-        def layer_fn(h: torch.Tensor, query_index: torch.Tensor) -> torch.Tensor:
-            return decoder_layer(h, weights, rotary, rows, query_index, tp=tp)
-
-        def norm_fn(h: torch.Tensor) -> torch.Tensor:
-            return rms_norm(h, norm_w, norm_eps)
-
-        def head_fn(h: torch.Tensor) -> torch.Tensor:
-            return lm_head_logits(h, head_w, self._vocab_size, tp)
+        layer_fn, norm_fn, head_fn = self._scoring_fns(weights, rotary, rows)
 
         selections = select_visual_tokens_batch(
             hidden, lengths, visual_index, ks, layer_fn, norm_fn, head_fn, params
