@@ -40,8 +40,17 @@ from common import ARTIFACTS, RESULTS, bench_checkpoint, save, table
 
 from trio_dev.local_server import parse_metrics, vllm_server
 
-#: The two servers compared; TRIO's ratio comes with each request.
-SERVERS = {"stock": [], "trio": ["--plugin", "trio", "--trio-keep-ratio", "1.0"]}
+#: The servers compared: stock, and TRIO in each ``--trio-modes`` mode (named
+#: ``trio`` for input mode, ``trio-layer`` for layer mode); TRIO's ratio comes
+#: with each request.
+TRIO_ARGS = ["--plugin", "trio", "--trio-keep-ratio", "1.0"]
+
+
+def servers(trio_modes: list[str]) -> dict[str, list[str]]:
+    named = {"input": "trio", "layer": "trio-layer"}
+    return {"stock": []} | {named[m]: [*TRIO_ARGS, "--trio-mode", m] for m in trio_modes}
+
+
 KV_BYTES = 1 << 30
 BLOCK_SIZE = 32
 IMAGE = (672, 672)
@@ -132,6 +141,13 @@ def main() -> None:
         help="--enforce-eager, vLLM's default compiled mode, or both (compiled at the last "
         "concurrency only)",
     )
+    ap.add_argument(
+        "--trio-modes",
+        nargs="+",
+        choices=["input", "layer"],
+        default=["input"],
+        help="one TRIO server per --trio-mode, side by side",
+    )
     ap.add_argument("--name", help="results file stem (default: throughput[_PRESET])")
     ap.add_argument(
         "--preset", default="bench", choices=["tiny", "bench", "qwen-tiny", "qwen-bench"]
@@ -163,14 +179,15 @@ def main() -> None:
         # drifts less between the two sides of a comparison.
         with contextlib.ExitStack() as stack:
             urls, blocks = {}, {}
-            for engine, extra in SERVERS.items():
+            for engine, extra in servers(args.trio_modes).items():
                 log = ARTIFACTS / f"throughput_{mode}_{engine}.log"
                 base = (*common, *mode_args)
                 server = vllm_server(ckpt, extra, log, timeout_s=1200, base_args=base)
                 urls[engine] = stack.enter_context(server)
                 blocks[engine] = server_blocks(log)
             for c in concurrencies:
-                for engine, r in [("stock", None)] + [("trio", r) for r in args.ratios]:
+                trio = [e for e in urls if e != "stock"]
+                for engine, r in [("stock", None)] + [(e, r) for r in args.ratios for e in trio]:
                     tag = f"{mode}_{engine}_c{c}" + ("" if r is None else f"_r{r}")
                     row = bench_serve(urls[engine], ckpt, r, c, args, tag)
                     row.update(mode=mode, concurrency=c, engine=engine)

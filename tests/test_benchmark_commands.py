@@ -19,7 +19,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["prefill.py", "startup.py", "soak.py"])
+@pytest.mark.parametrize("script", ["flops.py", "startup.py", "soak.py"])
 def test_benchmark_script_runs_without_pythonpath(script: str, tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     run = subprocess.run(
