@@ -1,7 +1,8 @@
 """Test-only hook, loaded by the servers of ``tests/test_faults.py`` through PYTHONPATH.
 
 With ``TRIO_TEST_SIDE_PASS_GATE=<dir>`` set, every process of the server
-(API server, engine core, workers) wraps ``LlamaSidePass.select`` once
+(API server, engine core, workers) wraps ``LlamaSidePass.select`` and
+``LlamaSidePass.select_batch`` (the images of one step scored together) once
 ``vllm_trio.binding.side_pass`` is imported: while the file ``<dir>/hold`` exists,
 a side pass that starts writes ``<dir>/started-<n>`` and waits (at most
 ``HOLD_MAX_S``) until ``hold`` is removed, then runs normally. So a test can
@@ -54,7 +55,10 @@ class _PatchOnImport(importlib.abc.MetaPathFinder):
 
         def exec_module(module):
             load(module)
-            module.LlamaSidePass.select = _gated(module.LlamaSidePass.select, gate)
+            for name in ("select", "select_batch"):
+                setattr(
+                    module.LlamaSidePass, name, _gated(getattr(module.LlamaSidePass, name), gate)
+                )
 
         spec.loader.exec_module = exec_module
         return spec
