@@ -75,6 +75,7 @@ from trio_dev.checkpoints import (
     build_processor,
     build_tokenizer,
 )
+from vllm_trio.core.batch import pad_rows
 
 from .grid_scenes import (
     CELL,
@@ -684,21 +685,17 @@ class Trainer:
                 (torch.tensor(ids), torch.tensor(answer_labels), first, kinds, labels, keep)
             )
         lm = self.model.model.language_model
-        length = max(int(keep.sum()) for *_, keep in rows)
-        embeds = torch.zeros(len(rows), length, SPEC.hidden_size, device=self.device)
-        targets = torch.full((len(rows), length), -100, device=self.device)
-        mask = torch.zeros((len(rows), length), dtype=torch.long, device=self.device)
-        positions = torch.zeros((len(rows), length), dtype=torch.long, device=self.device)
-        for r, (ids, answer_labels, first, kinds, labels, keep) in enumerate(rows):
+        embeds, targets, positions = [], [], []
+        for ids, answer_labels, first, kinds, labels, keep in rows:
             e = lm.embed_tokens(ids.to(self.device))
             visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
             e = torch.cat([e[:first], visual, e[first + kinds.numel() :]])
-            n = int(keep.sum())
-            embeds[r, :n] = e[keep.to(self.device)]
-            targets[r, :n] = answer_labels[keep].to(self.device)
-            mask[r, :n] = 1
+            embeds.append(e[keep.to(self.device)])
+            targets.append(answer_labels[keep].to(self.device))
             # Kept rows keep their positions in the whole prompt (the grid's geometry).
-            positions[r, :n] = keep.nonzero().squeeze(1).to(self.device)
+            positions.append(keep.nonzero().squeeze(1).to(self.device))
+        mask = pad_rows([torch.ones_like(p) for p in positions])
+        embeds, targets, positions = pad_rows(embeds), pad_rows(targets, -100), pad_rows(positions)
         out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
         logits = self.model.lm_head(out.last_hidden_state[:, :-1]).float()
         shifted = targets[:, 1:]
