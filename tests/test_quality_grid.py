@@ -9,6 +9,7 @@ disjoint; and its statistics must be the textbook ones.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections import Counter
 
 import pytest
@@ -180,3 +181,101 @@ def test_symbolic_layout_is_the_one_llava_next_packs() -> None:
         real = order >= 64  # grid rows (the base tile's labels are "nothing")
         assert torch.equal(packed_labels[real], flat[order[real]])
         assert (packed_labels[order < 64] == 0).all()
+
+
+def test_evidence_is_the_named_objects_at_their_packed_tokens() -> None:
+    """Every training turn (first and extra turns, all families) names cells that
+    hold what it asks about, and ``packed_index`` finds those cells' tokens in
+    the packed layout: what stage 0's attention supervision points at."""
+    from benchmarks.quality.evidence import evidence_cells, packed_index
+    from benchmarks.quality.symbolic import OBJECT, packed_layout, symbolic_scene
+    from benchmarks.quality.train_grid import token_labels
+
+    sizes: dict[str, Counter] = {f: Counter() for f in g.FAMILIES}
+    for index in range(120):
+        scene, turns = symbolic_scene(index, 0, 5, None)
+        kinds, labels = packed_layout(scene, token_labels(scene))
+        for turn in turns:
+            cells = evidence_cells(scene, turn)
+            sizes[turn.family][len(cells)] += 1
+            for cell in cells:
+                thing, row = scene.cells[cell], labels[packed_index(scene, cell)]
+                assert kinds[packed_index(scene, cell)] == OBJECT
+                if thing.kind == "letter":
+                    assert row[2] == g.LETTERS.index(thing.letter) + 1
+                else:
+                    assert row[0] == list(g.COLOURS).index(thing.colour) + 1
+                    assert row[1] == g.SHAPES.index(thing.shape) + 1
+                    assert thing.shape in turn.question or thing.colour in turn.question
+            if turn.family == "count":
+                assert len(cells) == g.COUNT_WORDS.index(turn.answer)
+            if turn.family == "presence" and turn.answer == "yes":
+                assert cells and all(
+                    (scene.cells[c].colour, scene.cells[c].shape)
+                    in {
+                        (w1, w2)
+                        for w1 in g.COLOURS
+                        for w2 in g.SHAPES
+                        if f"{w1} {w2}" in turn.question
+                    }
+                    for c in cells
+                )
+    assert set(sizes["colour"]) == set(sizes["shape"]) == set(sizes["text"]) == {1}
+    assert set(sizes["relation"]) == {2}
+    assert set(sizes["count"]) == {1, 2, 3, 4}
+    with pytest.raises(ValueError, match="not a colour question"):
+        evidence_cells(scene, g.Turn("What colour is it?", "red", "colour"))
+
+
+def test_query_attention_rows_equal_hf_eager_weights() -> None:
+    """The recomputed attention rows equal HF's eager attention probabilities, with
+    right padding and gapped position ids (stage 0 keeps dropped rows' positions)."""
+    from benchmarks.quality.attention_rows import QueryAttention
+    from benchmarks.quality.train_grid import build_model
+
+    model = build_model(0).model.language_model.eval()
+    model.config._attn_implementation = "eager"
+    captured: dict[str, torch.Tensor] = {}
+    layer = model.layers[3]
+    hook = layer.self_attn.register_forward_hook(lambda _m, _i, out: captured.update(w=out[1]))
+    rows = QueryAttention(layer)
+    torch.manual_seed(0)
+    embeds = torch.randn(2, 30, model.config.hidden_size)
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, 22:] = 0
+    positions = torch.stack([torch.arange(30) * 3, torch.arange(30) + 5])
+    with torch.no_grad():
+        model(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False)
+        got = rows.weights([0, 1, 1], [29, 21, 4], [0, 2])
+    hook.remove()
+    rows.remove()
+    for (b, q), w in zip([(0, 29), (1, 21), (1, 4)], got, strict=True):
+        torch.testing.assert_close(w, captured["w"][b, [0, 2], q, : q + 1], rtol=0, atol=1e-6)
+
+
+def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
+    """A run stopped inside stage 0 and resumed ends with exactly the weights of
+    an uninterrupted run (data indexed by step, every state saved), through the
+    symbolic stage with its attention supervision, the vision stage and the
+    chat stage (which supervises attention on rendered images)."""
+    from safetensors.torch import load_file
+
+    from benchmarks.quality.train_grid import main
+
+    tiny = [
+        *["--symbolic-steps", "3", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
+        *["--vision-steps", "1", "--vision-batch", "2"],
+        *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
+        *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
+    ]
+    whole, split = tmp_path / "whole", tmp_path / "split"
+    assert main([*tiny, "--state", str(whole / "state"), "--out", str(whole / "model")]) == 0
+    args = [*tiny, "--state", str(split / "state"), "--out", str(split / "model")]
+    assert main([*args, "--stop-at", "2"]) == 0
+    assert main(args) == 0
+    a, b = (load_file(d / "model" / "model.safetensors") for d in (whole, split))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    record = json.loads((whole / "model" / "TRAINING.json").read_text())
+    assert any("attn_loss" in h for h in record["history"])

@@ -7,8 +7,9 @@ linear probes read colour and shape from its visual tokens at 98-99%: what it
 failed to learn was finding the one token a question is about among ~480.
 Fed symbolic visual rows instead, with only the objects a question needs, the
 same decoder reached 0.67 first-token answer accuracy in 500 steps of 8 (the
-training history in ``TRAINING.json`` has the curve); distractors then come
-in one per phase. This module provides those inputs, laid out exactly as
+log of that run is cited in ``benchmarks/quality/README.md``), and
+``train_grid`` now also supervises where it looks (``evidence``).
+This module provides those inputs, laid out exactly as
 LLaVA-NeXT packs an image (the 128-px base tile's 64 tokens, then the
 high-resolution rows, each followed by the image-newline token), so that the
 decoder's later job differs only in where its visual rows come from.
@@ -121,18 +122,23 @@ class SymbolicEncoder:
     def _text(self, text: str) -> tuple[int, ...]:
         return tuple(self._tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def encode(self, turns: Sequence[Turn], num_visual: int) -> tuple[list[int], list[int], int]:
+    def encode(
+        self, turns: Sequence[Turn], num_visual: int
+    ) -> tuple[list[int], list[int], int, list[int]]:
         """Ids and labels (-100 outside answers) of a chat about an image of
-        ``num_visual`` tokens, and the index of its first visual row."""
+        ``num_visual`` tokens, the index of its first visual row, and the index
+        of each answer's first token."""
         before, after = self._prompt(turns[0].question)
         ids = [*before, *[self._image_token_id] * num_visual, *after]
         labels = [-100] * len(ids)
+        starts = []
         for i, turn in enumerate(turns):
             if i:
                 prompt = self._text(f"USER: {turn.question} ASSISTANT:")
                 ids += prompt
                 labels += [-100] * len(prompt)
             answer = self._text(f" {turn.answer}{EOS_TOKEN}")
+            starts.append(len(ids))
             ids += answer
             labels += answer
-        return ids, labels, len(before)
+        return ids, labels, len(before), starts

@@ -22,9 +22,10 @@ Why it looks the way it does (the previous model's failure is in
   object: its colour and shape are in that token, nowhere else.
 * **Stages.** (0) the decoder alone on *symbolic* scenes
   (``benchmarks.quality.symbolic``): visual rows are learned embeddings of
-  what each cell holds, laid out as LLaVA-NeXT packs an image, first with only
-  the objects the question needs, then one distractor more per phase, then
-  with the background rows coming in. A decoder trained from scratch on
+  what each cell holds, laid out as LLaVA-NeXT packs an image; only the object
+  rows are shown (background dropped, positions kept) until the last
+  ``symbolic_background_steps``, in which the background rows come in. Every
+  image carries ``symbolic_turns`` questions. A decoder trained from scratch on
   rendered scenes stayed at the answer prior (see ``symbolic``'s docstring).
   (1) tower + projector regressed onto those symbolic features (mean squared
   error), so the tokens the decoder will read are the ones it learned; the
@@ -32,6 +33,12 @@ Why it looks the way it does (the previous model's failure is in
   answer loss plus the regression as an auxiliary loss. Linear heads fitted
   on detached tokens report how readable each label is (probes only; dropped
   when saving).
+* **Attention supervision** (stages 0 and 2). At every answer, one head of
+  layer ``attn_layer`` is pulled onto the tokens that hold the evidence
+  (``evidence``): without it the decoder learned neither where to look nor,
+  for colour and shape, what to read (``benchmarks/quality/README.md``). The
+  layer is above FastV's K = 2 and TRIO's default depth, so no arm of the
+  harness reads the supervised map itself.
 * **Multi-turn chats.** Each image carries its split question (the eval prompt
   verbatim) and ``extra_turns`` more questions as later turns: one image
   encoding and one pass over its ~480 visual tokens supervise many answers.
@@ -67,6 +74,7 @@ import torch.nn.functional as F
 
 from trio_dev.checkpoints import (
     EOS_TOKEN,
+    IMAGE_TOKEN,
     WEIGHTS_NAME,
     CheckpointSpec,
     _finish_tokenizer_config,
@@ -77,6 +85,8 @@ from trio_dev.checkpoints import (
 )
 from vllm_trio.core.batch import pad_rows
 
+from .attention_rows import QueryAttention
+from .evidence import evidence_cells, packed_index
 from .grid_scenes import (
     CELL,
     COLOURS,
@@ -137,14 +147,22 @@ class TrainConfig:
     that trains ``benchmarks/quality/model``."""
 
     seed: int = 0
-    #: Stage 0 (symbolic): the decoder alone on symbolic scenes. Its steps are
-    #: split evenly over ``symbolic_curriculum`` (at most that many objects
-    #: besides the question's; -1: no cap) plus one last phase without a cap
-    #: in which background tokens come in (kept with probability 0 -> 1).
+    #: Stage 0 (symbolic): the decoder alone on symbolic scenes, each image with
+    #: ``symbolic_turns`` questions. Only the object rows are shown (background
+    #: rows dropped, positions kept) except in the last
+    #: ``symbolic_background_steps``, in which background rows come in (kept
+    #: with probability 0 -> 1).
     symbolic_steps: int = 6000
     symbolic_batch: int = 8
     symbolic_lr: float = 1e-3
-    symbolic_curriculum: tuple[int, ...] = (0, 1, 2, 3, -1)
+    symbolic_turns: int = 8
+    symbolic_background_steps: int = 1000
+    #: Attention supervision (stages 0 and 2): at every answer position, head
+    #: ``attn_heads[family]`` of layer ``attn_layer`` is pulled onto the
+    #: question's evidence tokens (``evidence``), weight ``attn_weight``.
+    attn_layer: int = 3
+    attn_heads: tuple[int, ...] = (0, 0, 1, 0, 1, 0)  # per FAMILIES entry
+    attn_weight: float = 1.0
     steps: int = 500
     batch: int = 6
     extra_turns: int = 3
@@ -274,6 +292,8 @@ class Batch:
     token_labels: torch.Tensor
     #: (row, position, family) of every answer's token.
     answers: list[tuple[int, int, str]]
+    #: (row, position predicting the answer, evidence token positions, family).
+    looks: list[tuple[int, int, list[int], str]]
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -284,6 +304,7 @@ class Batch:
             self.image_sizes.to(device),
             self.token_labels,
             self.answers,
+            self.looks,
         )
 
 
@@ -356,12 +377,14 @@ def vocabulary_answers() -> list[str]:
 def make_batch(processor: LlavaNextProcessor, step: int, cfg: TrainConfig) -> Batch:
     """Batch ``step``: train conversations ``step*B .. step*B+B-1``."""
     easy = step < cfg.easy_fraction * cfg.steps
-    rows, token_rows = [], []
+    rows, token_rows, scenes, turns = [], [], [], []
     for index in range(step * cfg.batch, (step + 1) * cfg.batch):
         sample, extra = make_conversation(
             "train", index, cfg.seed, cfg.extra_turns, cfg.easy_objects if easy else None
         )
         rows.append(encode_conversation(processor, sample, extra))
+        scenes.append(sample.scene)
+        turns.append([Turn(sample.question, sample.answer, sample.family), *extra])
         token_rows.append(token_labels(sample.scene))
     length = max(len(r[0]) for r in rows)
     tiles = max(r[2].shape[0] for r in rows)
@@ -369,15 +392,20 @@ def make_batch(processor: LlavaNextProcessor, step: int, cfg: TrainConfig) -> Ba
     labels = torch.full((len(rows), length), -100)
     mask = torch.zeros((len(rows), length), dtype=torch.long)
     pixels = torch.zeros((len(rows), tiles, *rows[0][2].shape[1:]))
-    answers = []
+    answers, looks = [], []
+    image_token = processor.tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
     for i, (ids, lab, pix, _, starts) in enumerate(rows):
         answers += [(i, pos, family) for pos, family in starts]
+        first = ids.index(image_token)
+        for (pos, family), turn in zip(starts, turns[i], strict=True):
+            cells = evidence_cells(scenes[i], turn)
+            looks.append((i, pos - 1, [first + packed_index(scenes[i], c) for c in cells], family))
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
         pixels[i, : pix.shape[0]] = pix
     sizes = torch.stack([r[3] for r in rows])
-    return Batch(input_ids, mask, labels, pixels, sizes, torch.cat(token_rows), answers)
+    return Batch(input_ids, mask, labels, pixels, sizes, torch.cat(token_rows), answers, looks)
 
 
 # --------------------------------------------------------------------------- #
@@ -580,6 +608,7 @@ class Trainer:
         self.encoder = SymbolicEncoder(
             self.processor.tokenizer, self.model.config.image_token_index
         )
+        self.attention_rows = QueryAttention(self.model.model.language_model.layers[cfg.attn_layer])
         decoder = [
             *self.model.model.language_model.named_parameters(),
             *self.model.lm_head.named_parameters(),
@@ -669,29 +698,31 @@ class Trainer:
     def _symbolic_step(self, step: int) -> dict[str, float]:
         """Stage 0: the decoder on symbolic scenes (``benchmarks.quality.symbolic``)."""
         cfg = self.cfg
-        max_objects, keep_background = symbolic_phase(step, cfg)
+        keep_background = symbolic_background(step, cfg)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        rows = []
-        for index in range(step * cfg.symbolic_batch, (step + 1) * cfg.symbolic_batch):
-            scene, turns = symbolic_scene(index, cfg.seed, 0, max_objects)
+        lm = self.model.model.language_model
+        embeds, targets, positions, looks = [], [], [], []
+        for row, index in enumerate(
+            range(step * cfg.symbolic_batch, (step + 1) * cfg.symbolic_batch)
+        ):
+            scene, turns = symbolic_scene(index, cfg.seed, cfg.symbolic_turns - 1, None)
             kinds, labels = packed_layout(scene, token_labels(scene))
-            ids, answer_labels, first = self.encoder.encode(turns, kinds.numel())
+            ids, answer_labels, first, starts = self.encoder.encode(turns, kinds.numel())
             keep = torch.ones(len(ids), dtype=torch.bool)
             drop = (kinds != OBJECT) & (
                 torch.rand(kinds.numel(), generator=generator) >= keep_background
             )
             keep[first : first + kinds.numel()] = ~drop
-            rows.append(
-                (torch.tensor(ids), torch.tensor(answer_labels), first, kinds, labels, keep)
-            )
-        lm = self.model.model.language_model
-        embeds, targets, positions = [], [], []
-        for ids, answer_labels, first, kinds, labels, keep in rows:
-            e = lm.embed_tokens(ids.to(self.device))
+            kept_at = torch.cumsum(keep, 0) - 1  # index in the kept sequence
+            for start, turn in zip(starts, turns, strict=True):
+                cells = evidence_cells(scene, turn)
+                where = [int(kept_at[first + packed_index(scene, c)]) for c in cells]
+                looks.append((row, int(kept_at[start - 1]), where, turn.family))
+            e = lm.embed_tokens(torch.tensor(ids, device=self.device))
             visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
             e = torch.cat([e[:first], visual, e[first + kinds.numel() :]])
             embeds.append(e[keep.to(self.device)])
-            targets.append(answer_labels[keep].to(self.device))
+            targets.append(torch.tensor(answer_labels)[keep].to(self.device))
             # Kept rows keep their positions in the whole prompt (the grid's geometry).
             positions.append(keep.nonzero().squeeze(1).to(self.device))
         mask = pad_rows([torch.ones_like(p) for p in positions])
@@ -701,11 +732,35 @@ class Trainer:
         shifted = targets[:, 1:]
         supervised = shifted != -100
         loss = F.cross_entropy(logits[supervised], shifted[supervised])
+        attention = self._attention_loss(looks)
         lr = cfg.symbolic_lr * min(1.0, (step + 1) / cfg.warmup)
-        _step(self.symbolic_optimizer, lr, loss, cfg.grad_clip)
-        answers = supervised & (shifted != self.processor.tokenizer.eos_token_id)
-        hits = logits.argmax(-1)[answers] == shifted[answers]
-        return {"symbolic_loss": loss.item(), "answer_acc": hits.float().mean().item()}
+        _step(self.symbolic_optimizer, lr, loss + cfg.attn_weight * attention, cfg.grad_clip)
+        record = {"symbolic_loss": loss.item(), "attn_loss": attention.item()}
+        with torch.no_grad():
+            predicted = logits.argmax(-1)
+            counts: dict[str, list[int]] = {}
+            for row, query, _, family in looks:
+                hit = int(predicted[row, query] == shifted[row, query])
+                counts.setdefault(family, []).append(hit)
+        hits = [h for v in counts.values() for h in v]
+        record["answer_acc"] = sum(hits) / len(hits)
+        return record | {f"acc_{f[:4]}": sum(v) / len(v) for f, v in counts.items()}
+
+    def _attention_loss(self, looks: Sequence[tuple[int, int, list[int], str]]) -> torch.Tensor:
+        """Mean over answers of ``-log`` attention of the family's supervised head (at
+        the position that predicts the answer) on each evidence token; ``looks``
+        holds (batch row, query position, evidence positions, family)."""
+        looks = [look for look in looks if look[2]]  # a "no" with nothing alike: no target
+        weights = self.attention_rows.weights(
+            [r for r, _, _, _ in looks],
+            [q for _, q, _, _ in looks],
+            range(SPEC.num_attention_heads),
+        )
+        terms = [
+            -w[self.cfg.attn_heads[FAMILIES.index(family)], where].clamp_min(1e-9).log().mean()
+            for w, (_, _, where, family) in zip(weights, looks, strict=True)
+        ]
+        return torch.stack(terms).mean()
 
     def _align_loss(self, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Projected tokens regressed onto their (frozen) symbolic features, plus the
@@ -753,8 +808,10 @@ class Trainer:
         cfg = self.cfg
         batch = make_batch(self.processor, step, cfg).to(self.device)
         loss, visual, counts = chat_losses(self.model, batch, self._align_loss)
-        _step(self.optimizer, lr_at(step, cfg), loss + cfg.aux_weight * visual, cfg.grad_clip)
-        out = {"loss": loss.item(), "visual": visual.item()}
+        attention = self._attention_loss(batch.looks)  # rows of the forward just run
+        total = loss + cfg.aux_weight * visual + cfg.attn_weight * attention
+        _step(self.optimizer, lr_at(step, cfg), total, cfg.grad_clip)
+        out = {"loss": loss.item(), "visual": visual.item(), "attn_loss": attention.item()}
         for family, (c, t) in counts.items():
             out[f"first_{family[:4]}"] = c / t
         return out
@@ -766,15 +823,13 @@ class Trainer:
         self.history.append({"step": self.step, "probe": report["accuracy"]})
 
 
-def symbolic_phase(step: int, cfg: TrainConfig) -> tuple[int | None, float]:
-    """(object cap, background keep probability) of symbolic step ``step``."""
-    phases = len(cfg.symbolic_curriculum) + 1
-    length = cfg.symbolic_steps / phases
-    phase = min(int(step / length), phases - 1)
-    if phase < phases - 1:
-        cap = cfg.symbolic_curriculum[phase]
-        return (None if cap < 0 else cap), 0.0
-    return None, min(1.0, (step - phase * length) / max(1.0, length - 1))
+def symbolic_background(step: int, cfg: TrainConfig) -> float:
+    """Probability of keeping a background row at symbolic step ``step``: 0 until the
+    last ``symbolic_background_steps``, then rising linearly to 1."""
+    start = cfg.symbolic_steps - cfg.symbolic_background_steps
+    if step < start:
+        return 0.0
+    return min(1.0, (step - start) / max(1.0, cfg.symbolic_background_steps - 1))
 
 
 def _int_tuple(text: str) -> tuple[int, ...]:
