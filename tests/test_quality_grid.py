@@ -264,6 +264,7 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
 
     tiny = [
         *["--symbolic-steps", "3", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
+        *["--symbolic-blocks-start", "1", "--symbolic-block-steps", "1"],
         *["--vision-steps", "1", "--vision-batch", "2"],
         *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
         *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
@@ -279,3 +280,21 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
         assert torch.equal(a[key], b[key]), key
     record = json.loads((whole / "model" / "TRAINING.json").read_text())
     assert any("attn_loss" in h for h in record["history"])
+
+
+def test_stage_0_schedule_blocks_then_background() -> None:
+    """Stage 0: mixed, then one single-family block per listed family, then mixed
+    again, with the background rows coming in over the last steps only."""
+    from benchmarks.quality.train_grid import TrainConfig, symbolic_background, symbolic_family
+
+    cfg = TrainConfig()
+    start, n = cfg.symbolic_blocks_start, cfg.symbolic_block_steps
+    assert symbolic_family(start - 1, cfg) is None
+    for b, family in enumerate(cfg.symbolic_block_families):
+        assert symbolic_family(start + b * n, cfg) == g.FAMILIES[family]
+        assert symbolic_family(start + (b + 1) * n - 1, cfg) == g.FAMILIES[family]
+    assert symbolic_family(start + len(cfg.symbolic_block_families) * n, cfg) is None
+    last = cfg.symbolic_steps - cfg.symbolic_background_steps
+    assert start + len(cfg.symbolic_block_families) * n <= last
+    assert symbolic_background(last - 1, cfg) == 0.0
+    assert symbolic_background(cfg.symbolic_steps - 1, cfg) == 1.0

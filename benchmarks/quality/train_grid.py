@@ -157,6 +157,13 @@ class TrainConfig:
     symbolic_lr: float = 1e-3
     symbolic_turns: int = 8
     symbolic_background_steps: int = 1000
+    #: Single-family blocks inside stage 0: from step ``symbolic_blocks_start``,
+    #: ``symbolic_block_steps`` single-turn steps of each ``FAMILIES`` index in
+    #: ``symbolic_block_families`` in turn, then mixed again. Mixed training
+    #: learned where to look but never how to read a colour; alone, it did.
+    symbolic_blocks_start: int = 1000
+    symbolic_block_steps: int = 350
+    symbolic_block_families: tuple[int, ...] = (0, 1, 5, 3)  # colour, shape, text, relation
     #: Attention supervision (stages 0 and 2): at every answer position, head
     #: ``attn_heads[family]`` of layer ``attn_layer`` is pulled onto the
     #: question's evidence tokens (``evidence``), weight ``attn_weight``.
@@ -705,7 +712,13 @@ class Trainer:
         for row, index in enumerate(
             range(step * cfg.symbolic_batch, (step + 1) * cfg.symbolic_batch)
         ):
-            scene, turns = symbolic_scene(index, cfg.seed, cfg.symbolic_turns - 1, None)
+            family = symbolic_family(step, cfg)
+            if family is None:
+                scene, turns = symbolic_scene(index, cfg.seed, cfg.symbolic_turns - 1, None)
+            else:  # the scene indices of that family (symbolic_scene cycles FAMILIES)
+                scene, turns = symbolic_scene(
+                    index * len(FAMILIES) + FAMILIES.index(family), cfg.seed, 0, None
+                )
             kinds, labels = packed_layout(scene, token_labels(scene))
             ids, answer_labels, first, starts = self.encoder.encode(turns, kinds.numel())
             keep = torch.ones(len(ids), dtype=torch.bool)
@@ -821,6 +834,14 @@ class Trainer:
         report = evaluate(self.model, self.processor, make_split("eval", self.cfg.probe_n))
         self.say(f"probe eval ({report['n']}): {report['accuracy']:.4f} {report['per_family']}")
         self.history.append({"step": self.step, "probe": report["accuracy"]})
+
+
+def symbolic_family(step: int, cfg: TrainConfig) -> str | None:
+    """The one family symbolic step ``step`` asks about, or None (all, mixed)."""
+    block = (step - cfg.symbolic_blocks_start) // max(1, cfg.symbolic_block_steps)
+    if step < cfg.symbolic_blocks_start or block >= len(cfg.symbolic_block_families):
+        return None
+    return FAMILIES[cfg.symbolic_block_families[block]]
 
 
 def symbolic_background(step: int, cfg: TrainConfig) -> float:
