@@ -160,9 +160,10 @@ class TrainConfig:
     #: Single-family blocks inside stage 0: from step ``symbolic_blocks_start``,
     #: ``symbolic_block_steps`` single-turn steps of each ``FAMILIES`` index in
     #: ``symbolic_block_families`` in turn, then mixed again. Mixed training
-    #: learned where to look but never how to read a colour; alone, it did.
-    symbolic_blocks_start: int = 1000
-    symbolic_block_steps: int = 350
+    #: learned where to look but never how to read a colour; alone, it did
+    #: after 2,000 mixed steps, but not in 350 steps after 1,000.
+    symbolic_blocks_start: int = 2000
+    symbolic_block_steps: int = 500
     symbolic_block_families: tuple[int, ...] = (0, 1, 5, 3)  # colour, shape, text, relation
     #: Attention supervision (stages 0 and 2): at every answer position, heads
     #: ``attn_heads`` of layer ``attn_layer`` are pulled onto the question's
