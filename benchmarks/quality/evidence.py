@@ -69,3 +69,8 @@ def packed_index(scene: Scene, cell: tuple[int, int]) -> int:
     order: the base tile, then each high-resolution row and its newline token)."""
     column, row = cell
     return _BASE_TOKENS + row * (scene.cols + 1) + column
+
+
+def evidence_tokens(scene: Scene, turn: Turn) -> list[int]:
+    """Packed visual-token indices (``packed_index``) of ``evidence_cells``."""
+    return [packed_index(scene, cell) for cell in evidence_cells(scene, turn)]

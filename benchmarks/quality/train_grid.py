@@ -37,8 +37,8 @@ Why it looks the way it does (the previous model's failure is in
   of layer ``attn_layer`` are pulled onto the tokens that hold the evidence
   (``evidence``): without it the decoder learned neither where to look nor,
   for colour and shape, what to read (``benchmarks/quality/README.md``). The
-  layer is above FastV's K = 2 and TRIO's default depth, so no arm of the
-  harness reads the supervised map itself.
+  layer is above FastV's K = 2 and TRIO's default depth 2, which therefore do
+  not read the supervised map; TRIO at depth 4 runs through it.
 * **Multi-turn chats.** Each image carries its split question (the eval prompt
   verbatim) and ``extra_turns`` more questions as later turns: one image
   encoding and one pass over its ~480 visual tokens supervise many answers.
@@ -86,7 +86,7 @@ from trio_dev.checkpoints import (
 from vllm_trio.core.batch import pad_rows
 
 from .attention_rows import QueryAttention
-from .evidence import evidence_cells, packed_index
+from .evidence import evidence_tokens
 from .grid_scenes import (
     CELL,
     COLOURS,
@@ -337,7 +337,7 @@ def encode_conversation(
     ids: list[int] = enc["input_ids"][0].tolist()
     labels = [-100] * len(ids)
     starts: list[tuple[int, str]] = []
-    for i, turn in enumerate([Turn(sample.question, sample.answer, sample.family), *extra]):
+    for i, turn in enumerate(conversation_turns(sample, extra)):
         if i > 0:
             prompt = tokenizer(f"USER: {turn.question} ASSISTANT:", add_special_tokens=False)
             ids += prompt["input_ids"]
@@ -347,6 +347,11 @@ def encode_conversation(
         ids += answer
         labels += answer
     return ids, labels, enc["pixel_values"][0], enc["image_sizes"][0], starts
+
+
+def conversation_turns(sample: Sample, extra: Sequence[Turn]) -> list[Turn]:
+    """The chat's turns: the split question first, then ``extra``."""
+    return [Turn(sample.question, sample.answer, sample.family), *extra]
 
 
 def conversation_text(sample: Sample, extra: Sequence[Turn]) -> str:
@@ -393,7 +398,7 @@ def make_batch(processor: LlavaNextProcessor, step: int, cfg: TrainConfig) -> Ba
         )
         rows.append(encode_conversation(processor, sample, extra))
         scenes.append(sample.scene)
-        turns.append([Turn(sample.question, sample.answer, sample.family), *extra])
+        turns.append(conversation_turns(sample, extra))
         token_rows.append(token_labels(sample.scene))
     length = max(len(r[0]) for r in rows)
     tiles = max(r[2].shape[0] for r in rows)
@@ -407,8 +412,8 @@ def make_batch(processor: LlavaNextProcessor, step: int, cfg: TrainConfig) -> Ba
         answers += [(i, pos, family) for pos, family in starts]
         first = ids.index(image_token)
         for (pos, family), turn in zip(starts, turns[i], strict=True):
-            cells = evidence_cells(scenes[i], turn)
-            looks.append((i, pos - 1, [first + packed_index(scenes[i], c) for c in cells], family))
+            where = [first + t for t in evidence_tokens(scenes[i], turn)]
+            looks.append((i, pos - 1, where, family))
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
@@ -708,13 +713,13 @@ class Trainer:
         """Stage 0: the decoder on symbolic scenes (``benchmarks.quality.symbolic``)."""
         cfg = self.cfg
         keep_background = symbolic_background(step, cfg)
+        family = symbolic_family(step, cfg)
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         lm = self.model.model.language_model
         embeds, targets, positions, looks = [], [], [], []
         for row, index in enumerate(
             range(step * cfg.symbolic_batch, (step + 1) * cfg.symbolic_batch)
         ):
-            family = symbolic_family(step, cfg)
             if family is None:
                 scene, turns = symbolic_scene(index, cfg.seed, cfg.symbolic_turns - 1, None)
             else:  # the scene indices of that family (symbolic_scene cycles FAMILIES)
@@ -730,8 +735,7 @@ class Trainer:
             keep[first : first + kinds.numel()] = ~drop
             kept_at = torch.cumsum(keep, 0) - 1  # index in the kept sequence
             for start, turn in zip(starts, turns, strict=True):
-                cells = evidence_cells(scene, turn)
-                where = [int(kept_at[first + packed_index(scene, c)]) for c in cells]
+                where = [int(kept_at[first + t]) for t in evidence_tokens(scene, turn)]
                 looks.append((row, int(kept_at[start - 1]), where, turn.family))
             e = lm.embed_tokens(torch.tensor(ids, device=self.device))
             visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
