@@ -44,17 +44,19 @@ class QueryAttention:
             raise RuntimeError("no forward has run through the layer yet")
         hidden, (cos, sin) = self._inputs
         attn, d = self._attn, self._attn.head_dim
+        keys_of: dict[int, torch.Tensor] = {}  # a chat's keys, shared by all its answers
         out = []
         for b, q in zip(rows, queries, strict=True):
             c = min(b, cos.shape[0] - 1)  # default position ids give one shared table
-            x = hidden[b, : q + 1]
-            query = attn.q_proj(x[q:]).view(1, -1, d).transpose(0, 1)[None]
-            keys = attn.k_proj(x).view(q + 1, -1, d).transpose(0, 1)[None]
-            cq, sq = cos[c : c + 1, q:], sin[c : c + 1, q:]
-            ck, sk = cos[c : c + 1, : q + 1], sin[c : c + 1, : q + 1]
-            query, _ = apply_rotary_pos_emb(query, query, cq, sq)
-            _, keys = apply_rotary_pos_emb(keys, keys, ck, sk)
-            keys = keys.repeat_interleave(query.shape[1] // keys.shape[1], dim=1)
-            scores = (query @ keys.transpose(-1, -2))[0, :, 0] * attn.scaling
+            if b not in keys_of:
+                keys = attn.k_proj(hidden[b]).view(hidden.shape[1], -1, d).transpose(0, 1)[None]
+                _, keys = apply_rotary_pos_emb(keys, keys, cos[c : c + 1], sin[c : c + 1])
+                heads_per_key = attn.config.num_attention_heads // keys.shape[1]
+                keys_of[b] = keys.repeat_interleave(heads_per_key, dim=1)
+            query = attn.q_proj(hidden[b, q : q + 1]).view(1, -1, d).transpose(0, 1)[None]
+            query, _ = apply_rotary_pos_emb(
+                query, query, cos[c : c + 1, q : q + 1], sin[c : c + 1, q : q + 1]
+            )
+            scores = (query @ keys_of[b][:, :, : q + 1].transpose(-1, -2))[0, :, 0] * attn.scaling
             out.append(torch.softmax(scores.float(), dim=-1)[list(heads)])
         return out
