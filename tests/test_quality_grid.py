@@ -264,7 +264,7 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
 
     tiny = [
         *["--symbolic-steps", "3", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
-        *["--symbolic-blocks-start", "1", "--symbolic-block-steps", "1"],
+        *["--symbolic-blocks-start", "1", "--symbolic-block-steps", "1,1,1,1"],
         *["--vision-steps", "1", "--vision-batch", "2"],
         *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
         *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
@@ -288,13 +288,16 @@ def test_stage_0_schedule_blocks_then_background() -> None:
     from benchmarks.quality.train_grid import TrainConfig, symbolic_background, symbolic_family
 
     cfg = TrainConfig()
-    start, n = cfg.symbolic_blocks_start, cfg.symbolic_block_steps
+    start = cfg.symbolic_blocks_start
     assert symbolic_family(start - 1, cfg) is None
-    for b, family in enumerate(cfg.symbolic_block_families):
-        assert symbolic_family(start + b * n, cfg) == g.FAMILIES[family]
-        assert symbolic_family(start + (b + 1) * n - 1, cfg) == g.FAMILIES[family]
-    assert symbolic_family(start + len(cfg.symbolic_block_families) * n, cfg) is None
+    for n, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families):
+        assert symbolic_family(start, cfg) == g.FAMILIES[family]
+        assert symbolic_family(start + n - 1, cfg) == g.FAMILIES[family]
+        start += n
+    assert symbolic_family(start, cfg) is None
+    with pytest.raises(ValueError, match="one length per"):
+        TrainConfig(symbolic_block_steps=(500,))
     last = cfg.symbolic_steps - cfg.symbolic_background_steps
-    assert start + len(cfg.symbolic_block_families) * n <= last
+    assert start <= last
     assert symbolic_background(last - 1, cfg) == 0.0
     assert symbolic_background(cfg.symbolic_steps - 1, cfg) == 1.0
