@@ -290,7 +290,7 @@ def test_stage_0_schedule_blocks_then_background() -> None:
     cfg = TrainConfig()
     start = cfg.symbolic_blocks_start
     assert symbolic_family(start - 1, cfg) is None
-    for n, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families):
+    for n, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families, strict=True):
         assert symbolic_family(start, cfg) == g.FAMILIES[family]
         assert symbolic_family(start + n - 1, cfg) == g.FAMILIES[family]
         start += n

@@ -852,7 +852,7 @@ class Trainer:
 def symbolic_family(step: int, cfg: TrainConfig) -> str | None:
     """The one family symbolic step ``step`` asks about, or None (all, mixed)."""
     end = cfg.symbolic_blocks_start
-    for steps, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families):
+    for steps, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families, strict=True):
         if end <= step < end + steps:
             return FAMILIES[family]
         end += steps
