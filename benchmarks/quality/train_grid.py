@@ -163,10 +163,16 @@ class TrainConfig:
     #: Mixed training learned where to look but never how to read a colour;
     #: alone, it did after 2,000 mixed steps, but not in 350 steps after 1,000,
     #: and in a 500-step block it stayed at chance for 400 steps before rising
-    #: (0.32 at the block's end): colour gets 1,000.
+    #: (0.32 at the block's end): colour gets 1,000. Relation stayed at chance
+    #: through a 500-step block: it gets 1,000.
     symbolic_blocks_start: int = 2000
-    symbolic_block_steps: tuple[int, ...] = (1000, 500, 500, 500)
+    symbolic_block_steps: tuple[int, ...] = (1000, 500, 500, 1000)
     symbolic_block_families: tuple[int, ...] = (0, 1, 5, 3)  # colour, shape, text, relation
+    #: Each block step also holds this many single-turn rows of all families
+    #: (cycled), so that the others are rehearsed: without them, every family
+    #: fell when mixing resumed after 2,500 block steps (colour 0.01, count 0.15
+    #: on the training batch 25 steps later).
+    symbolic_replay_rows: int = 8
     #: Attention supervision (stages 0 and 2): at every answer position, heads
     #: ``attn_heads`` of layer ``attn_layer`` are pulled onto the question's
     #: evidence tokens (``evidence``), weight ``attn_weight``. (One head per
@@ -726,15 +732,7 @@ class Trainer:
         generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         lm = self.model.model.language_model
         embeds, targets, positions, looks = [], [], [], []
-        for row, index in enumerate(
-            range(step * cfg.symbolic_batch, (step + 1) * cfg.symbolic_batch)
-        ):
-            if family is None:
-                scene, turns = symbolic_scene(index, cfg.seed, cfg.symbolic_turns - 1, None)
-            else:  # the scene indices of that family (symbolic_scene cycles FAMILIES)
-                scene, turns = symbolic_scene(
-                    index * len(FAMILIES) + FAMILIES.index(family), cfg.seed, 0, None
-                )
+        for row, (scene, turns) in enumerate(symbolic_chats(step, family, cfg)):
             kinds, labels = packed_layout(scene, token_labels(scene))
             ids, answer_labels, first, starts = self.encoder.encode(turns, kinds.numel())
             keep = torch.ones(len(ids), dtype=torch.bool)
@@ -857,6 +855,32 @@ def symbolic_family(step: int, cfg: TrainConfig) -> str | None:
             return FAMILIES[family]
         end += steps
     return None
+
+
+def symbolic_chats(
+    step: int, family: str | None, cfg: TrainConfig
+) -> list[tuple[Scene, list[Turn]]]:
+    """The (scene, turns) rows of symbolic step ``step``: ``symbolic_batch`` chats of
+    ``symbolic_turns`` mixed questions, or in a block (``family``) as many
+    single-turn chats of that family plus ``symbolic_replay_rows`` single-turn
+    chats cycling through every family."""
+    first = step * cfg.symbolic_batch
+    if family is None:
+        return [
+            symbolic_scene(index, cfg.seed, cfg.symbolic_turns - 1, None)
+            for index in range(first, first + cfg.symbolic_batch)
+        ]
+    # symbolic_scene cycles FAMILIES by index: these indices are all of ``family``.
+    focus = [
+        symbolic_scene(index * len(FAMILIES) + FAMILIES.index(family), cfg.seed, 0, None)
+        for index in range(first, first + cfg.symbolic_batch)
+    ]
+    replay_first = step * cfg.symbolic_replay_rows
+    replay = [
+        symbolic_scene(index, cfg.seed ^ 0x5EED, 0, None)  # its own stream of scenes
+        for index in range(replay_first, replay_first + cfg.symbolic_replay_rows)
+    ]
+    return focus + replay
 
 
 def symbolic_background(step: int, cfg: TrainConfig) -> float:
