@@ -34,11 +34,6 @@ sys.path.insert(0, str(ROOT))
 from trio_dev.checkpoints import build_checkpoint  # noqa: E402
 from trio_dev.local_server import TEST_SERVER_ARGS, image_chat_messages, vllm_server  # noqa: E402
 
-SCENES_MODEL = ROOT / "benchmarks" / "quality" / "model"
-#: Eval-split questions shown by the ``scenes`` preset (one colour, two presence;
-#: the shipped model answers all three correctly at keep ratios 1, 0.25, 0.111).
-SCENE_SAMPLES = (0, 4, 10)
-
 
 def scene(size: int) -> Image.Image:
     """A red circle left of a blue square on white: the kind of question TRIO targets."""
@@ -61,10 +56,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     if args.preset == "scenes":
-        from benchmarks.quality.scenes import make_sample
+        from benchmarks.quality.shipped import MODEL_DIR, demo_samples
 
-        ckpt = SCENES_MODEL
-        samples = [make_sample("eval", i) for i in SCENE_SAMPLES]
+        ckpt = MODEL_DIR
+        samples = demo_samples(ckpt)
         questions = [(s.image, s.question, s.answer) for s in samples]
     else:
         ckpt = build_checkpoint(args.out / f"ckpt-{args.preset}", preset=args.preset)

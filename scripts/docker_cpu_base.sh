@@ -48,6 +48,14 @@ cleanup() {
 trap cleanup EXIT
 
 start=$SECONDS
+# Like docker_engine.sh with docker.io: Debian's debootstrap when it is missing
+# (needs root and apt; a CI machine had Docker but not debootstrap).
+if ! command -v debootstrap >/dev/null; then
+  [[ "$(id -u)" == 0 ]] || { log "debootstrap is missing and installing it needs root"; exit 1; }
+  log "installing debootstrap"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get install -y -q debootstrap >&2 || { apt-get update -q >&2 && apt-get install -y -q debootstrap >&2; }
+fi
 log "debootstrap bookworm ($PACKAGES)"
 debootstrap --variant=minbase --include="$PACKAGES" bookworm "$work/rootfs" "$MIRROR" >"$work/debootstrap.log" 2>&1 \
   || { tail -n 30 "$work/debootstrap.log" >&2; exit 1; }

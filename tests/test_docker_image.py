@@ -33,6 +33,7 @@ from pathlib import Path
 import pytest
 from openai import OpenAI
 
+from benchmarks.quality.shipped import MODEL_DIR, demo_samples, scene_generator, training_record
 from trio_dev.local_server import TEST_SERVER_ARGS, free_port, image_chat_messages
 from vllm_trio.core.budget import num_kept_tokens
 
@@ -45,9 +46,6 @@ pytestmark = [
 ]
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = ROOT / "benchmarks" / "quality" / "model"
-#: The eval questions scripts/demo.py shows (answered correctly at 1, 0.25, 0.111).
-SCENE_SAMPLES = (0, 4, 10)
 KEEP_RATIO = 0.111
 #: ``docker stop``'s default grace period before SIGKILL.
 GRACE_S = 10
@@ -126,7 +124,7 @@ def served(docker: str, image: tuple[str, str], tmp_path_factory) -> Iterator[Se
     name = f"vllm-trio-ci-{os.getpid()}"
     run(
         [docker, "run", "-d", "--name", name, "--network", "host", "--shm-size", "1g",
-         "-v", f"{MODEL}:/models/scenes:ro", "-e", "MODEL=/models/scenes",
+         "-v", f"{MODEL_DIR}:/models/scenes:ro", "-e", "MODEL=/models/scenes",
          "-e", "HOST=127.0.0.1", "-e", f"PORT={port}", "-e", "HF_HUB_OFFLINE=1",
          image[1], *TEST_SERVER_ARGS],
         timeout=600,
@@ -177,14 +175,12 @@ def test_healthy_by_its_own_healthcheck(served: Served) -> None:
 def test_chat_at_keep_ratio_0111_is_pruned_and_answered(served: Served) -> None:
     from transformers import AutoProcessor
 
-    from benchmarks.quality.scenes import make_sample, normalize_answer
-
-    processor = AutoProcessor.from_pretrained(MODEL)
+    normalize_answer = scene_generator(training_record(MODEL_DIR)).normalize_answer
+    processor = AutoProcessor.from_pretrained(MODEL_DIR)
     image_token = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
     client = OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0, timeout=300)
     model = client.models.list().data[0].id
-    for index in SCENE_SAMPLES:
-        sample = make_sample("eval", index)
+    for sample in demo_samples(MODEL_DIR):
         ids = processor(text=processor.image_token, images=sample.image)["input_ids"][0]
         num_visual = sum(1 for i in ids if i == image_token)
         usage = {}
@@ -198,7 +194,7 @@ def test_chat_at_keep_ratio_0111_is_pruned_and_answered(served: Served) -> None:
             )
             usage[r] = out.usage.prompt_tokens
             answer = normalize_answer(out.choices[0].message.content)
-            assert answer == normalize_answer(sample.answer), (index, r, answer)
+            assert answer == normalize_answer(sample.answer), (sample.question, r, answer)
         text_tokens = usage[1.0] - num_visual
         assert usage[KEEP_RATIO] == text_tokens + num_kept_tokens(num_visual, KEEP_RATIO)
 

@@ -301,3 +301,64 @@ def test_stage_0_schedule_blocks_then_background() -> None:
     assert start <= last
     assert symbolic_background(last - 1, cfg) == 0.0
     assert symbolic_background(cfg.symbolic_steps - 1, cfg) == 1.0
+
+
+def test_block_steps_rehearse_every_family() -> None:
+    """A block step holds ``symbolic_batch`` single-turn chats of its family and
+    ``symbolic_replay_rows`` single-turn chats that, over a few steps, cover
+    every family; a mixed step holds multi-turn chats. No scene repeats."""
+    from benchmarks.quality.train_grid import TrainConfig, symbolic_chats, symbolic_family
+
+    cfg = TrainConfig()
+    step = cfg.symbolic_blocks_start
+    family = symbolic_family(step, cfg)
+    rows = symbolic_chats(step, family, cfg)
+    assert len(rows) == cfg.symbolic_batch + cfg.symbolic_replay_rows
+    focus, replay = rows[: cfg.symbolic_batch], rows[cfg.symbolic_batch :]
+    assert all(len(turns) == 1 and turns[0].family == family for _, turns in focus)
+    assert all(len(turns) == 1 for _, turns in replay)
+    replayed = Counter(
+        turns[0].family
+        for s in range(step, step + 3)
+        for _, turns in symbolic_chats(s, family, cfg)[cfg.symbolic_batch :]
+    )
+    assert set(replayed) == set(g.FAMILIES)
+    mixed = symbolic_chats(step - 1, None, cfg)
+    assert len(mixed) == cfg.symbolic_batch
+    assert all(len(turns) == cfg.symbolic_turns for _, turns in mixed)
+    scenes = [repr(scene) for s in (step, step + 1) for scene, _ in symbolic_chats(s, family, cfg)]
+    assert len(set(scenes)) == len(scenes)
+
+
+def _shipped_generator() -> str | None:
+    from benchmarks.quality.shipped import training_record
+
+    try:
+        return training_record().get("generator")
+    except FileNotFoundError:
+        return None
+
+
+@pytest.mark.skipif(
+    _shipped_generator() != "benchmarks.quality.grid_scenes",
+    reason="the shipped scene model is not a grid-scenes model",
+)
+def test_shipped_model_reproduces_its_training_record() -> None:
+    """The shipped weights (float16, loaded in float32) give exactly the HF greedy
+    answers TRAINING.json recorded on the eval split, so its accuracy and
+    per-family table are those of these files: any change to the weights,
+    processor, prompt format, scene generator or answer normalisation shows up."""
+    from benchmarks.quality.shipped import MODEL_DIR, training_record
+    from benchmarks.quality.train_grid import evaluate, load_checkpoint
+
+    record = training_record()
+    expected = record["eval_hf_float32"]
+    torch.set_num_threads(2)
+    model, processor = load_checkpoint(MODEL_DIR)  # raises on missing or unexpected keys
+    samples = g.make_split("eval", expected["n"], record["config"]["seed"])
+    report = evaluate(model, processor, samples)
+    assert report["answers"] == record["eval_answers"]
+    assert (report["accuracy"], report["per_family"]) == (
+        expected["accuracy"],
+        expected["per_family"],
+    )

@@ -58,7 +58,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib
 import json
 import math
 import os
@@ -68,7 +67,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -107,10 +105,11 @@ from vllm_trio.core import (
 )
 
 from .grid_scenes import Sample, chat_prompt
+from .shipped import MODEL_DIR, scene_generator
 from .table import ArmResult, markdown, summarise, svg_plot
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = ROOT / "benchmarks" / "quality" / "model"
+DEFAULT_MODEL = MODEL_DIR
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
 DEFAULT_RATIOS = (1.0, 0.333, 0.222, 0.111, 0.05)
 INPUT_BASELINES = ("random", "grid", "cls-attn", "text-attn", "diversity")
@@ -622,14 +621,6 @@ def resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, dict[
             f"{path} has no TRAINING.json (not trained yet?); pass --tiny to check plumbing"
         )
     return path, "trained on generated scenes", json.loads(marker.read_text())
-
-
-def scene_generator(training: dict[str, Any]) -> ModuleType:
-    """The scene module a checkpoint was trained on (its TRAINING.json ``generator``).
-
-    The first scene model predates the field: ``benchmarks.quality.scenes``.
-    """
-    return importlib.import_module(training.get("generator", "benchmarks.quality.scenes"))
 
 
 def default_depths(num_layers: int) -> list[int]:

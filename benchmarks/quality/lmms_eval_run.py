@@ -8,7 +8,7 @@ become a local lmms-eval task (``artifacts/lmms_eval/``): a JSON-lines
 dataset with PNG files, loaded by lmms-eval through ``datasets``'
 ``json`` builder, and a task YAML whose functions
 (``lmms_eval_task.py``) give lmms-eval the image, the question and the
-harness's own scoring (``scenes.normalize_answer`` of the answer equals the
+harness's own scoring (``normalize_answer`` of the answer equals the
 expected word). For each keep ratio a ``vllm serve --plugin trio
 --trio-keep-ratio r --trio-depth 2`` of the shipped scene model answers
 lmms-eval's ``--model openai`` requests (lmms-eval sends no per-request
@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 from ..common import ARTIFACTS, RESULTS
+from .grid_scenes import Sample, normalize_answer
 from .harness import DEFAULT_MODEL, answer_token_budget, run_vllm
-from .scenes import Sample, make_split, normalize_answer
+from .shipped import scene_generator, training_record
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "trio_scenes"
@@ -145,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     start = time.monotonic()
     work = ARTIFACTS / "lmms_eval"
     shutil.rmtree(work, ignore_errors=True)
-    samples = make_split("eval", args.n)
+    # The eval split of the generator the model was trained on.
+    samples = scene_generator(training_record(args.model)).make_split("eval", args.n)
     max_tokens = answer_token_budget(AutoTokenizer.from_pretrained(args.model), samples)
     tasks = write_task(work, samples, max_tokens)
     base_args = list(TEST_SERVER_ARGS)

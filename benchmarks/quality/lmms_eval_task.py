@@ -12,7 +12,7 @@ from typing import Any
 
 from PIL import Image
 
-from benchmarks.quality.scenes import normalize_answer
+from benchmarks.quality.grid_scenes import normalize_answer
 
 
 def doc_to_visual(doc: dict[str, Any]) -> list[Image.Image]:
