@@ -284,17 +284,26 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
 
 def test_stage_0_schedule_blocks_then_background() -> None:
     """Stage 0: mixed, then one single-family block per listed family, then mixed
-    again, with the background rows coming in over the last steps only."""
-    from benchmarks.quality.train_grid import TrainConfig, symbolic_background, symbolic_family
+    again, each phase warming its learning rate up from its own first step, with
+    the background rows coming in over the last steps only."""
+    from benchmarks.quality.train_grid import (
+        TrainConfig,
+        symbolic_background,
+        symbolic_family,
+        symbolic_phase_start,
+    )
 
     cfg = TrainConfig()
     start = cfg.symbolic_blocks_start
     assert symbolic_family(start - 1, cfg) is None
+    assert symbolic_phase_start(start - 1, cfg) == 0
     for n, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families, strict=True):
         assert symbolic_family(start, cfg) == g.FAMILIES[family]
         assert symbolic_family(start + n - 1, cfg) == g.FAMILIES[family]
+        assert symbolic_phase_start(start, cfg) == symbolic_phase_start(start + n - 1, cfg) == start
         start += n
     assert symbolic_family(start, cfg) is None
+    assert symbolic_phase_start(cfg.symbolic_steps - 1, cfg) == start
     with pytest.raises(ValueError, match="one length per"):
         TrainConfig(symbolic_block_steps=(500,))
     last = cfg.symbolic_steps - cfg.symbolic_background_steps
@@ -303,13 +312,44 @@ def test_stage_0_schedule_blocks_then_background() -> None:
     assert symbolic_background(cfg.symbolic_steps - 1, cfg) == 1.0
 
 
+def test_token_labels_equal_their_per_cell_definition() -> None:
+    """``token_labels`` (built on the whole grid at once) equals the definition
+    written cell by cell: own classes, and each in-tile neighbour's colour and
+    shape, -100 across a tile border and on the base tile."""
+    from benchmarks.quality.symbolic import symbolic_scene
+    from benchmarks.quality.train_grid import _DIRECTIONS, CHANNELS, _classes, token_labels
+
+    side = g.TILE // g.CELL
+    for index in range(24):
+        scene = (
+            symbolic_scene(index, 0, 0, None)[0]
+            if index % 2
+            else g.make_sample("eval", index).scene
+        )
+        tiles_x = scene.width // g.TILE
+        expected = torch.full(
+            (1 + tiles_x * (scene.height // g.TILE), side * side, len(CHANNELS)), -100
+        )
+        for k in range(expected.shape[0] - 1):
+            ty, tx = divmod(k, tiles_x)
+            for p in range(side * side):
+                c, r = tx * side + p % side, ty * side + p // side
+                row = list(_classes(scene, (c, r)))
+                for _, (dx, dy) in _DIRECTIONS:
+                    nc, nr = c + dx, r + dy
+                    inside = nc // side == tx and nr // side == ty
+                    row += list(_classes(scene, (nc, nr))[:2]) if inside else [-100, -100]
+                expected[1 + k, p] = torch.tensor(row)
+        assert torch.equal(token_labels(scene), expected), index
+
+
 def test_block_steps_rehearse_every_family() -> None:
     """A block step holds ``symbolic_batch`` single-turn chats of its family and
     ``symbolic_replay_rows`` single-turn chats that, over a few steps, cover
     every family; a mixed step holds multi-turn chats. No scene repeats."""
     from benchmarks.quality.train_grid import TrainConfig, symbolic_chats, symbolic_family
 
-    cfg = TrainConfig()
+    cfg = TrainConfig(symbolic_replay_rows=8)
     step = cfg.symbolic_blocks_start
     family = symbolic_family(step, cfg)
     rows = symbolic_chats(step, family, cfg)

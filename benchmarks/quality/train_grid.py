@@ -54,6 +54,7 @@ Why it looks the way it does (the previous model's failure is in
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -169,10 +170,15 @@ class TrainConfig:
     symbolic_block_steps: tuple[int, ...] = (1000, 500, 500, 1000)
     symbolic_block_families: tuple[int, ...] = (0, 1, 5, 3)  # colour, shape, text, relation
     #: Each block step also holds this many single-turn rows of all families
-    #: (cycled), so that the others are rehearsed: without them, every family
-    #: fell when mixing resumed after 2,500 block steps (colour 0.01, count 0.15
-    #: on the training batch 25 steps later).
-    symbolic_replay_rows: int = 8
+    #: (cycled), to rehearse the others. 0: with 8 (as many as the block's own
+    #: rows) colour stayed at chance through 925 steps of its block (0.15 on
+    #: the training batch; 0.87 after 500 steps without replay).
+    symbolic_replay_rows: int = 0
+    #: Every phase of stage 0 (the first mixed steps, each block, the mixed
+    #: steps after the blocks) warms its learning rate up again over
+    #: ``warmup`` steps: when mixing resumed after the blocks at full rate,
+    #: every family fell (colour 0.01, count 0.15 on the training batch 25
+    #: steps later).
     #: Attention supervision (stages 0 and 2): at every answer position, heads
     #: ``attn_heads`` of layer ``attn_layer`` are pulled onto the question's
     #: evidence tokens (``evidence``), weight ``attn_weight``. (One head per
@@ -246,28 +252,30 @@ def token_labels(scene: Scene) -> torch.Tensor:
     in row-major order, its patch ``p`` the cell ``(8 tx + p % 8, 8 ty + p // 8)``.
     Neighbour channels of a cell whose neighbour lies in another tile are -100:
     a tile is encoded alone, so its tokens cannot see across its border.
+    Built on the whole cell grid at once (per-cell Python was a quarter of a
+    symbolic step).
     """
     side = TILE // CELL
     tiles_x, tiles_y = scene.width // TILE, scene.height // TILE
-    labels = torch.full((1 + tiles_x * tiles_y, side * side, len(CHANNELS)), -100)
-    for k in range(tiles_x * tiles_y):
-        ty, tx = divmod(k, tiles_x)
-        for p in range(side * side):
-            pr, pc = divmod(p, side)
-            c, r = tx * side + pc, ty * side + pr
-            row = list(_classes(scene, (c, r)))
-            for _, (dx, dy) in _DIRECTIONS:
-                nc, nr = c + dx, r + dy
-                if (
-                    nc // side != tx
-                    or nr // side != ty
-                    or not (0 <= nc < scene.cols and 0 <= nr < scene.rows)
-                ):
-                    row += [-100, -100]
-                else:
-                    row += list(_classes(scene, (nc, nr))[:2])
-            labels[1 + k, p] = torch.tensor(row)
-    return labels
+    rows, cols = scene.rows, scene.cols
+    own = torch.zeros(rows, cols, 3, dtype=torch.long)
+    for c, r in scene.cells:
+        own[r, c] = torch.tensor(_classes(scene, (c, r)))
+    r_at = torch.arange(rows).view(-1, 1).expand(rows, cols)
+    c_at = torch.arange(cols).view(1, -1).expand(rows, cols)
+    channels = [own]
+    for _, (dx, dy) in _DIRECTIONS:
+        nr, nc = r_at + dy, c_at + dx
+        # Floor division: a neighbour off the grid (-1 or cols) is in no tile.
+        same_tile = (nc.div(side, rounding_mode="floor") == c_at // side) & (
+            nr.div(side, rounding_mode="floor") == r_at // side
+        )
+        neighbour = own[nr.clamp(0, rows - 1), nc.clamp(0, cols - 1), :2]
+        channels.append(torch.where(same_tile.unsqueeze(-1), neighbour, -100))
+    grid = torch.cat(channels, dim=-1)  # (rows, cols, channels)
+    tiles = grid.view(tiles_y, side, tiles_x, side, -1).permute(0, 2, 1, 3, 4)
+    tiles = tiles.reshape(tiles_y * tiles_x, side * side, grid.shape[-1])
+    return torch.cat([torch.full((1, side * side, grid.shape[-1]), -100), tiles])
 
 
 class TokenHeads(torch.nn.Module):
@@ -759,7 +767,7 @@ class Trainer:
         supervised = shifted != -100
         loss = F.cross_entropy(logits[supervised], shifted[supervised])
         attention = self._attention_loss(looks)
-        lr = cfg.symbolic_lr * min(1.0, (step + 1) / cfg.warmup)
+        lr = cfg.symbolic_lr * min(1.0, (step - symbolic_phase_start(step, cfg) + 1) / cfg.warmup)
         _step(self.symbolic_optimizer, lr, loss + cfg.attn_weight * attention, cfg.grad_clip)
         record = {"symbolic_loss": loss.item(), "attn_loss": attention.item()}
         with torch.no_grad():
@@ -855,6 +863,16 @@ def symbolic_family(step: int, cfg: TrainConfig) -> str | None:
             return FAMILIES[family]
         end += steps
     return None
+
+
+def symbolic_phase_start(step: int, cfg: TrainConfig) -> int:
+    """The first step of the stage-0 phase (mixed, or a block) that holds ``step``."""
+    start = 0
+    boundaries = itertools.accumulate(cfg.symbolic_block_steps, initial=cfg.symbolic_blocks_start)
+    for boundary in boundaries:
+        if step >= boundary:
+            start = boundary
+    return start
 
 
 def symbolic_chats(
