@@ -17,6 +17,7 @@ import torch
 
 from benchmarks.quality import grid_scenes as g
 from benchmarks.quality.harness import matched_schedule, multi_schedule, multi_stage_layers
+from benchmarks.quality.shipped import generator_name
 from benchmarks.quality.stats import mcnemar_exact, paired_relative_interval, wilson_interval
 
 
@@ -370,17 +371,8 @@ def test_block_steps_rehearse_every_family() -> None:
     assert len(set(scenes)) == len(scenes)
 
 
-def _shipped_generator() -> str | None:
-    from benchmarks.quality.shipped import training_record
-
-    try:
-        return training_record().get("generator")
-    except FileNotFoundError:
-        return None
-
-
 @pytest.mark.skipif(
-    _shipped_generator() != "benchmarks.quality.grid_scenes",
+    generator_name() != "benchmarks.quality.grid_scenes",
     reason="the shipped scene model is not a grid-scenes model",
 )
 def test_shipped_model_reproduces_its_training_record() -> None:

@@ -39,6 +39,15 @@ def scene_generator(training: dict[str, Any]) -> ModuleType:
     return importlib.import_module(training.get("generator", "benchmarks.quality.scenes"))
 
 
+def generator_name(model_dir: Path = MODEL_DIR) -> str | None:
+    """The name of the scene module ``model_dir`` was trained on; None where it
+    holds no trained model (tests of one generation's model skip on another's)."""
+    try:
+        return scene_generator(training_record(model_dir)).__name__
+    except FileNotFoundError:
+        return None
+
+
 def demo_samples(model_dir: Path = MODEL_DIR) -> list[Any]:
     """The ``DEMO_SAMPLES`` eval questions of the generator ``model_dir`` was trained on."""
     generator = scene_generator(training_record(model_dir))
