@@ -105,11 +105,10 @@ from vllm_trio.core import (
 )
 
 from .grid_scenes import Sample, chat_prompt
-from .shipped import MODEL_DIR, scene_generator
+from .shipped import MODEL_DIR, scene_generator, training_record
 from .table import ArmResult, markdown, summarise, svg_plot
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_MODEL = MODEL_DIR
 DEFAULT_OUT = ROOT / "benchmarks" / "results" / "quality"
 DEFAULT_RATIOS = (1.0, 0.333, 0.222, 0.111, 0.05)
 INPUT_BASELINES = ("random", "grid", "cls-attn", "text-attn", "diversity")
@@ -615,12 +614,11 @@ def resolve_model(args: argparse.Namespace, tmp: Path) -> tuple[Path, str, dict[
         path = build_checkpoint(tmp / "tiny", preset="tiny", seed=0)
         return path, "random tiny checkpoint: plumbing only, accuracy is meaningless", {}
     path = Path(args.model)
-    marker = path / "TRAINING.json"
-    if not marker.exists():
-        raise SystemExit(
-            f"{path} has no TRAINING.json (not trained yet?); pass --tiny to check plumbing"
-        )
-    return path, "trained on generated scenes", json.loads(marker.read_text())
+    try:
+        training = training_record(path)
+    except FileNotFoundError as e:
+        raise SystemExit(f"{e}; pass --tiny to check plumbing") from None
+    return path, "trained on generated scenes", training
 
 
 def default_depths(num_layers: int) -> list[int]:
@@ -646,7 +644,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     ap.add_argument("--seed", type=int, default=0, help="eval split seed and random-arm seed")
     ap.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
-    ap.add_argument("--model", default=str(DEFAULT_MODEL))
+    ap.add_argument("--model", default=str(MODEL_DIR))
     ap.add_argument("--tiny", action="store_true", help="random tiny checkpoint (plumbing)")
     ap.add_argument("--depths", type=int, nargs="+", help="L for trio-vllm/trio-ref")
     ap.add_argument(

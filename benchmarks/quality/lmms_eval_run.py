@@ -36,8 +36,8 @@ from typing import Any
 
 from ..common import ARTIFACTS, RESULTS
 from .grid_scenes import Sample, normalize_answer
-from .harness import DEFAULT_MODEL, answer_token_budget, run_vllm
-from .shipped import scene_generator, training_record
+from .harness import answer_token_budget, run_vllm
+from .shipped import MODEL_DIR, scene_generator, training_record
 
 ROOT = Path(__file__).resolve().parents[2]
 TASK = "trio_scenes"
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--n", type=int, default=120, help="first n questions of the eval split")
     ap.add_argument("--ratios", type=float, nargs="+", default=[1.0, 0.111])
-    ap.add_argument("--model", type=Path, default=DEFAULT_MODEL)
+    ap.add_argument("--model", type=Path, default=MODEL_DIR)
     own_env = ROOT / ".venv-lmms" / "bin" / "python"
     ap.add_argument("--lmms-python", default=str(own_env if own_env.exists() else sys.executable))
     args = ap.parse_args(argv)

@@ -54,7 +54,6 @@ Why it looks the way it does (the previous model's failure is in
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -856,24 +855,29 @@ class Trainer:
         self.history.append({"step": self.step, "probe": report["accuracy"]})
 
 
+def _symbolic_phase(step: int, cfg: TrainConfig) -> tuple[int, str | None]:
+    """(first step, block family or None for mixed) of the stage-0 phase holding
+    ``step``: mixed, then the blocks one after another, then mixed again."""
+    start, family = 0, None
+    end = cfg.symbolic_blocks_start
+    for steps, index in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families, strict=True):
+        if step < end:
+            break
+        start, family = end, FAMILIES[index]
+        end += steps
+    if step >= end:
+        start, family = end, None
+    return start, family
+
+
 def symbolic_family(step: int, cfg: TrainConfig) -> str | None:
     """The one family symbolic step ``step`` asks about, or None (all, mixed)."""
-    end = cfg.symbolic_blocks_start
-    for steps, family in zip(cfg.symbolic_block_steps, cfg.symbolic_block_families, strict=True):
-        if end <= step < end + steps:
-            return FAMILIES[family]
-        end += steps
-    return None
+    return _symbolic_phase(step, cfg)[1]
 
 
 def symbolic_phase_start(step: int, cfg: TrainConfig) -> int:
     """The first step of the stage-0 phase (mixed, or a block) that holds ``step``."""
-    start = 0
-    boundaries = itertools.accumulate(cfg.symbolic_block_steps, initial=cfg.symbolic_blocks_start)
-    for boundary in boundaries:
-        if step >= boundary:
-            start = boundary
-    return start
+    return _symbolic_phase(step, cfg)[0]
 
 
 def symbolic_chats(
