@@ -8,12 +8,14 @@ disjoint; and its statistics must be the textbook ones.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from collections import Counter
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from benchmarks.quality import grid_scenes as g
 from benchmarks.quality.harness import matched_schedule, multi_schedule, multi_stage_layers
@@ -43,7 +45,7 @@ def test_answers_are_balanced_single_words() -> None:
         "colour": set(g.COLOURS),
         "shape": set(g.SHAPES),
         "count": set(g.COUNT_WORDS[1:]),
-        "relation": {"yes", "no"},
+        "relation": set(g.SHAPES),
         "presence": {"yes", "no"},
         "text": set(g.LETTERS),
     }
@@ -75,12 +77,15 @@ def test_questions_are_answered_by_the_scene() -> None:
             there = any((t.colour, t.shape) == (words[-2], words[-1]) for t in objs)
             assert ("yes" if there else "no") == s.answer
         elif s.family == "relation":
-            cells = {(t.colour, t.shape): c for c, t in s.scene.objects()}
-            a, b = cells[(words[2], words[3])], cells[(words[-2], words[-1])]
-            relation = " ".join(words[4:-3])
-            dx, dy = g.RELATIONS[relation]
-            assert abs(a[0] - b[0]) + abs(a[1] - b[1]) == 1  # neighbours
-            assert ("yes" if (b[0] - a[0], b[1] - a[1]) == (dx, dy) else "no") == s.answer
+            # "What shape is <relation> the <colour> <shape>?"
+            (anchor,) = [
+                c for c, t in s.scene.objects() if (t.colour, t.shape) == tuple(words[-2:])
+            ]
+            dx, dy = g.RELATIONS[" ".join(words[3:-3])]
+            cell = (anchor[0] - dx, anchor[1] - dy)
+            assert s.scene.cells[cell].kind == "object" and s.scene.cells[cell].shape == s.answer
+            side = g.TILE // g.CELL  # inside one tile: the tower sees a tile alone
+            assert (cell[0] // side, cell[1] // side) == (anchor[0] // side, anchor[1] // side)
         else:
             letters = [t.letter for t in s.scene.cells.values() if t.kind == "letter"]
             assert letters == [s.answer]
@@ -222,7 +227,7 @@ def test_evidence_is_the_named_objects_at_their_packed_tokens() -> None:
                     for c in cells
                 )
     assert set(sizes["colour"]) == set(sizes["shape"]) == set(sizes["text"]) == {1}
-    assert set(sizes["relation"]) == {2}
+    assert set(sizes["relation"]) == {1}
     assert set(sizes["count"]) == {1, 2, 3, 4}
     with pytest.raises(ValueError, match="not a colour question"):
         evidence_cells(scene, g.Turn("What colour is it?", "red", "colour"))
@@ -266,6 +271,7 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
     tiny = [
         *["--symbolic-steps", "3", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
         *["--symbolic-blocks-start", "1", "--symbolic-block-steps", "1,1,1,1"],
+        *["--symbolic-block-families", "0,1,5,3"],
         *["--vision-steps", "1", "--vision-batch", "2"],
         *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
         *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
@@ -308,9 +314,36 @@ def test_stage_0_schedule_blocks_then_background() -> None:
     with pytest.raises(ValueError, match="one length per"):
         TrainConfig(symbolic_block_steps=(500,))
     last = cfg.symbolic_steps - cfg.symbolic_background_steps
-    assert start <= last
+    assert cfg.symbolic_blocks_start < last
     assert symbolic_background(last - 1, cfg) == 0.0
     assert symbolic_background(cfg.symbolic_steps - 1, cfg) == 1.0
+
+
+def test_symbolic_rows_start_as_the_words_they_show() -> None:
+    """With ``symbolic_word_init`` a visual red circle starts as the decoder's own
+    vectors for " red" and " circle" (each rescaled), the tokens its questions
+    and answers use; other channels and the "nothing" class keep their draw."""
+    from benchmarks.quality.symbolic import SymbolicFeatures, ground_in_words
+    from benchmarks.quality.train_grid import CHANNELS, build_scene_processor, channel_words
+
+    tokenizer = build_scene_processor().tokenizer
+    words = channel_words(tokenizer)
+    question = tokenizer("What colour is the circle?", add_special_tokens=False)["input_ids"]
+    assert words[1][g.SHAPES.index("circle")] in question
+    torch.manual_seed(0)
+    embedding = torch.randn(len(tokenizer), 128) * 0.02
+    features = SymbolicFeatures(128, [n for _, n in CHANNELS])
+    before = [t.weight.detach().clone() for t in features.tables]
+    ground_in_words(features, embedding, words)
+    for channel, ids in words.items():
+        table = features.tables[channel].weight
+        for k, token in enumerate(ids):
+            cosine = F.cosine_similarity(table[k + 1], embedding[token], dim=0)
+            assert cosine > 0.999, (channel, k)
+        assert torch.equal(table[0], before[channel][0])
+        assert abs(table[1:].std() / before[channel][1:].std() - 1) < 0.2
+    for channel in set(range(len(CHANNELS))) - set(words):
+        assert torch.equal(features.tables[channel].weight, before[channel])
 
 
 def test_token_labels_equal_their_per_cell_definition() -> None:
@@ -367,6 +400,14 @@ def test_block_steps_rehearse_every_family() -> None:
     mixed = symbolic_chats(step - 1, None, cfg)
     assert len(mixed) == cfg.symbolic_batch
     assert all(len(turns) == cfg.symbolic_turns for _, turns in mixed)
+    # After the blocks, mixed steps ask one question per image, as evaluation does.
+    tail = [
+        t
+        for s in range(cfg.symbolic_steps - 3, cfg.symbolic_steps)
+        for _, t in symbolic_chats(s, None, cfg)
+    ]
+    assert all(len(turns) == cfg.symbolic_tail_turns == 1 for turns in tail)
+    assert {turns[0].family for turns in tail} == set(g.FAMILIES)
     scenes = [repr(scene) for s in (step, step + 1) for scene, _ in symbolic_chats(s, family, cfg)]
     assert len(set(scenes)) == len(scenes)
 
@@ -394,3 +435,39 @@ def test_shipped_model_reproduces_its_training_record() -> None:
         expected["accuracy"],
         expected["per_family"],
     )
+
+
+def test_boolean_flags_parse_true_and_false() -> None:
+    """``--symbolic-word-init false`` turns it off (argparse's ``bool("false")`` is True)."""
+    from benchmarks.quality.train_grid import _flag
+
+    assert _flag("false") is False and _flag("False") is False and _flag("0") is False
+    assert _flag("true") is True and _flag("1") is True
+    with pytest.raises(argparse.ArgumentTypeError, match="true or false"):
+        _flag("yes please")
+
+
+def test_question_keys_name_what_each_question_asks_about() -> None:
+    """``question_keys`` reads the colour, shape (plurals too) and side a question
+    names, and its family, for every family's wording, first and extra turns."""
+    from benchmarks.quality.evidence import QUERY_CHANNELS, question_keys
+    from benchmarks.quality.symbolic import symbolic_scene
+
+    seen = Counter()
+    for index in range(60):
+        for turn in symbolic_scene(index, 0, 5, None)[1]:
+            colour, shape, side, family = question_keys(turn)
+            words = turn.question.rstrip("?").split()
+            assert family == g.FAMILIES.index(turn.family)
+            named = [c for c in g.COLOURS if c in words]
+            assert colour == (list(g.COLOURS).index(named[0]) + 1 if named else 0)
+            named = [s for s in g.SHAPES if s in words or f"{s}s" in words]
+            assert shape == (g.SHAPES.index(named[0]) + 1 if named else 0)
+            sides = [r for r in g.RELATIONS if f" {r} " in turn.question]
+            assert side == (list(g.RELATIONS).index(sides[0]) + 1 if sides else 0)
+            assert all(
+                0 <= k < n
+                for k, (_, n) in zip((colour, shape, side, family), QUERY_CHANNELS, strict=True)
+            )
+            seen[turn.family] += 1
+    assert set(seen) == set(g.FAMILIES)

@@ -18,11 +18,11 @@ fills exactly one CLIP patch of the high-resolution tiles:
   every visual token directly (``benchmarks.quality.train_grid``).
 * Families (``FAMILIES``) cycle with the index; within a family the answer is
   drawn first and uniformly, then a scene is built around it, so answering from
-  the question alone scores chance: 1/6 colour, 1/4 shape, 1/4 count, 1/2
-  relation and presence, 1/8 text.
-* Relations are between two objects in neighbouring cells of one tile ("Is the
-  red circle left of the blue square?"): yes exactly when the second object is
-  the first one's neighbour on that side, so the evidence is two tokens.
+  the question alone scores chance: 1/6 colour, 1/4 shape, count and
+  relation, 1/2 presence, 1/8 text.
+* Relations are between two objects in neighbouring cells of one tile ("What
+  shape is left of the red circle?"): the evidence is the named object's token
+  (whose in-tile neighbours the tower encodes) and its neighbour's.
 * Presence "no" questions are mostly adversarial (POPE-style): the colour or
   the shape asked about is in the image, just not together.
 * Every sample has its own ``random.Random`` seeded by (split, seed, index):
@@ -333,25 +333,55 @@ def _count(rng: random.Random, max_objects: int | None) -> tuple[Scene, Turn]:
 
 
 def _relation(rng: random.Random, max_objects: int | None) -> tuple[Scene, Turn]:
-    """Two named objects in neighbouring cells of one tile; yes iff on the asked side."""
+    """The shape of the object on one side of a named object, inside its tile.
+
+    Often another object sits on another side of the named one, with another
+    shape, so the side matters. (A yes/no form, "Is the red circle left of the
+    blue square?", stayed at chance through 1,000 steps of its own training
+    block: its answer needs the second object matched against the first one's
+    neighbour on the asked side inside one attention lookup. Here the lookup is
+    the named object, as for colour and presence, and the side selects what to
+    read from it.)
+    """
     lay = _Layout(rng)
-    relation = rng.choice(list(RELATIONS))
-    truth = rng.random() < 0.5
-    a = Thing("object", *_pair(rng))
-    while True:
-        b = Thing("object", *_pair(rng))
-        if b.colour != a.colour:
-            break
+    relation, answer = rng.choice(list(RELATIONS)), rng.choice(SHAPES)
+    anchor = Thing("object", *_pair(rng))
     dx, dy = RELATIONS[relation]
-    if not truth:  # b is a neighbour on another side
-        dx, dy = rng.choice([d for d in RELATIONS.values() if d != (dx, dy)])
-    cell_a, cell_b = _neighbours(lay, rng, dx, dy)
-    lay.put(a, cell_a)
-    lay.put(b, cell_b)
-    named = {(a.colour, a.shape), (b.colour, b.shape)}
-    lay.fill(lay.extra(1, 6, max_objects), lambda t: (t.colour, t.shape) not in named)
-    question = f"Is the {a.colour} {a.shape} {relation} the {b.colour} {b.shape}?"
-    return lay.scene, Turn(question, "yes" if truth else "no", "relation")
+    # "<object> <relation> <anchor>": the anchor is the object's neighbour (dx, dy).
+    cell_x, cell_a = _neighbours(lay, rng, dx, dy)
+    colour = rng.choice([c for c in COLOURS if (c, answer) != (anchor.colour, anchor.shape)])
+    lay.put(Thing("object", colour, answer), cell_x)
+    lay.put(anchor, cell_a)
+    if rng.random() < 0.75:
+        others = [
+            cell
+            for cell in _tile_neighbours(lay.scene, cell_a)
+            if cell != cell_x and cell not in lay.scene.cells
+        ]
+        if others:
+            while True:
+                other = Thing("object", *_pair(rng))
+                if other.shape != answer and other != anchor:
+                    break
+            lay.put(other, rng.choice(others))
+    pair = (anchor.colour, anchor.shape)
+    lay.fill(lay.extra(1, 5, max_objects), lambda t: (t.colour, t.shape) != pair)
+    question = f"What shape is {relation} the {anchor.colour} {anchor.shape}?"
+    return lay.scene, Turn(question, answer, "relation")
+
+
+def _tile_neighbours(scene: Scene, cell: tuple[int, int]) -> list[tuple[int, int]]:
+    """The cells next to ``cell`` (left, right, above, below) inside its tile."""
+    per_tile = TILE // CELL
+    c, r = cell
+    return [
+        (c + dx, r + dy)
+        for dx, dy in RELATIONS.values()
+        if 0 <= c + dx < scene.cols
+        and 0 <= r + dy < scene.rows
+        and (c + dx) // per_tile == c // per_tile
+        and (r + dy) // per_tile == r // per_tile
+    ]
 
 
 def _pair(rng: random.Random) -> tuple[str, str]:
@@ -452,28 +482,16 @@ def _question_pools(scene: Scene, rng: random.Random) -> dict[str, list[Turn]]:
                 Turn(f"What shape is the {colour} object?", found[0].shape, "shape")
             )
     pairs = [(t.colour, t.shape) for _, t in objs]
-    by_answer: dict[str, list[Turn]] = {"yes": [], "no": []}
-    per_tile = TILE // CELL
-    for (ca, ra), a in objs:
-        if pairs.count((a.colour, a.shape)) != 1:
+    for cell, anchor in objs:
+        if pairs.count((anchor.colour, anchor.shape)) != 1:
             continue
         for relation, (dx, dy) in RELATIONS.items():
-            for ddx, ddy in RELATIONS.values():
-                cell_b = (ca + ddx, ra + ddy)
-                b = scene.cells.get(cell_b)
-                if (
-                    b is None
-                    or b.kind != "object"
-                    or b.colour == a.colour
-                    or pairs.count((b.colour, b.shape)) != 1
-                    or cell_b[0] // per_tile != ca // per_tile
-                    or cell_b[1] // per_tile != ra // per_tile
-                ):
-                    continue
-                answer = "yes" if (ddx, ddy) == (dx, dy) else "no"
-                question = f"Is the {a.colour} {a.shape} {relation} the {b.colour} {b.shape}?"
-                by_answer[answer].append(Turn(question, answer, "relation"))
-    pools["relation"] = _balanced(by_answer, rng)
+            x_cell = (cell[0] - dx, cell[1] - dy)
+            x = scene.cells.get(x_cell)
+            if x is None or x.kind != "object" or x_cell not in _tile_neighbours(scene, cell):
+                continue
+            question = f"What shape is {relation} the {anchor.colour} {anchor.shape}?"
+            pools["relation"].append(Turn(question, x.shape, "relation"))
     present = set(pairs)
     by_answer = {"yes": [], "no": []}
     for colour in COLOURS:

@@ -65,6 +65,26 @@ class SymbolicFeatures(nn.Module):
         return out
 
 
+def ground_in_words(
+    features: SymbolicFeatures, embedding: torch.Tensor, words: dict[int, Sequence[int]]
+) -> None:
+    """Start class ``k + 1`` of channel ``c`` at the embedding row of token
+    ``words[c][k]`` (rescaled to the table's standard deviation).
+
+    A visual "red circle" then starts as the sum of the decoder's own vectors for
+    "red" and "circle": finding the token a question names becomes matching a
+    word with itself, and answering its colour becomes copying it to the output.
+    LLaVA's projector is trained to put images into the word-embedding space for
+    the same reason. Both tables keep training apart from each other.
+    """
+    with torch.no_grad():
+        for channel, ids in words.items():
+            table = features.tables[channel].weight
+            std = table[1:].std()
+            rows = embedding[list(ids)].to(table)
+            table[1 : 1 + len(ids)] = rows / rows.std(dim=-1, keepdim=True) * std
+
+
 def tile_kinds(labels: torch.Tensor) -> torch.Tensor:
     """Kinds of ``token_labels`` rows ``[tiles, patches, C]``: tile 0 is the base image."""
     kinds = torch.where((labels[..., 0] > 0) | (labels[..., 2] > 0), OBJECT, BACKGROUND)
