@@ -831,9 +831,9 @@ class Trainer:
         supervised = shifted != -100
         loss = F.cross_entropy(logits[supervised], shifted[supervised])
         attention = self._attention_loss(looks)
-        visual = out.hidden_states[cfg.attn_layer][torch.tensor(rows), torch.cat(cols)]
+        hidden = out.hidden_states[cfg.attn_layer]  # the supervised layer's input
+        visual = hidden[torch.tensor(rows), torch.cat(cols)]
         kept, colour = self.residual_heads.plain_loss(visual, torch.cat(row_labels).to(self.device))
-        hidden = out.hidden_states[cfg.attn_layer]
         query = hidden[
             torch.tensor([r for r, *_ in looks]), torch.tensor([q for _, q, *_ in looks])
         ]
