@@ -471,3 +471,32 @@ def test_question_keys_name_what_each_question_asks_about() -> None:
             )
             seen[turn.family] += 1
     assert set(seen) == set(g.FAMILIES)
+
+
+def test_count_answers_also_target_the_first_token() -> None:
+    """With ``count_sink`` a count's supervised attention covers its objects and BOS
+    (position 0), so the heads' output can tell 1 from 4 objects; every other
+    family, and count without the flag, targets its evidence alone."""
+    from benchmarks.quality.train_grid import attention_targets
+
+    assert attention_targets([40, 52], "count", True) == [40, 52, 0]
+    assert attention_targets([40, 52], "count", False) == [40, 52]
+    for family in ("colour", "shape", "relation", "presence", "text"):
+        assert attention_targets([40], family, True) == [40]
+
+
+def test_readout_gradient_reaches_the_tokens_scaled() -> None:
+    """``scaled_gradient`` leaves values alone and scales what flows back into the
+    tokens: 0 detaches (heads as pure probes), 0.5 halves, 1 is the identity."""
+    from benchmarks.quality.train_grid import scaled_gradient
+
+    x = torch.randn(3, 4)
+    for weight in (0.0, 0.5, 1.0):
+        leaf = x.clone().requires_grad_(True)
+        out = scaled_gradient(leaf, weight)
+        assert torch.equal(out, x)
+        if weight == 0.0:
+            assert not out.requires_grad
+            continue
+        (out * 3).sum().backward()
+        assert torch.allclose(leaf.grad, torch.full_like(x, 3 * weight))
