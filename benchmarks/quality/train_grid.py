@@ -145,8 +145,7 @@ STORE_DTYPE = "float16"
 @dataclass(frozen=True)
 class TrainConfig:
     """Hyper-parameters (all recorded in TRAINING.json). The defaults are the
-    recipe being measured; no model of it ships yet (the shipped one is
-    ``train.py``'s, see ``benchmarks/quality/README.md``)."""
+    current recipe; the shipped model's own settings are in its TRAINING.json."""
 
     seed: int = 0
     #: Stage 0 (symbolic): the decoder alone on symbolic scenes, each image with
