@@ -500,3 +500,44 @@ def test_readout_gradient_reaches_the_tokens_scaled() -> None:
             continue
         (out * 3).sum().backward()
         assert torch.allclose(leaf.grad, torch.full_like(x, 3 * weight))
+
+
+@pytest.mark.skipif(
+    generator_name() != "benchmarks.quality.grid_scenes",
+    reason="the shipped scene model is not a grid-scenes model",
+)
+def test_diagnosis_labels_tokens_and_counts_kept_evidence(tmp_path) -> None:
+    """The item-4 diagnosis: every visual token gets its kind from the layout and
+    the scene, evidence recall is 1 wherever every token is kept, and its
+    McNemar cells are the ones its stored per-question answers give."""
+    from benchmarks.quality import diagnose as d
+    from benchmarks.quality.harness import HFRunner
+    from benchmarks.quality.shipped import MODEL_DIR
+
+    hf = HFRunner(MODEL_DIR, max_new_tokens=2, fastv_k=1)
+    sample = g.make_sample("eval", 4)
+    prep = hf.prepare(0, sample)
+    kinds = d.token_kinds(prep)
+    p = hf.patches_per_side
+    assert int((kinds == d.BASE).sum()) == p * p
+    assert int((kinds == d.NEWLINE).sum()) == prep.layout.grid_shape[0]
+    assert int((kinds == d.DRAWN).sum()) == len(sample.scene.cells)
+
+    args = ["--n", "6", "--depths", "0", "--positions", "ref", "final1", "--taus", "0.8"]
+    args += ["--baseline", "d0-ref-t0.8", "--threads", "2"]
+    for stem, ratio in (("full", "1"), ("pruned", "0.111")):
+        assert d.main([*args, "--ratio", ratio, "--out", str(tmp_path / stem)]) == 0
+    full = json.loads((tmp_path / "full.json").read_text())["rows"]
+    assert [r["variant"] for r in full] == [
+        "d0-ref-t0.8", "d0-final1-t0.8", "cls-attn", "diversity"
+    ]  # fmt: skip
+    assert all(r["recall_all"] == 1.0 and r["evidence_share"] == 1.0 for r in full)
+    assert len({r["correct"] for r in full}) == 1  # nothing pruned: the same answers
+    pruned = json.loads((tmp_path / "pruned.json").read_text())["rows"]
+    base = [c == "1" for c in pruned[0]["correct"]]
+    for row in pruned[1:]:
+        mine = [c == "1" for c in row["correct"]]
+        assert (row["only_this"], row["only_base"], row["p"]) == mcnemar_exact(mine, base)
+        assert 0.0 <= row["recall_all"] <= row["evidence_share"] <= 1.0
+        kept = row["kept_base"] + row["kept_newline"] + row["kept_drawn"]
+        assert 0.0 < kept <= 1.0 + 1e-9
