@@ -8,7 +8,8 @@ Nothing is downloaded. The default ``scenes`` preset serves the small
 LLaVA-NeXT trained on generated scenes that ships in
 ``benchmarks/quality/model`` and asks it three eval-split questions, so the
 answers mean something (expected answers are printed next to them; the model
-scores 40.7% unpruned on the eval split). ``tiny`` and ``bench`` build a
+scores 83.5% unpruned on 600 eval questions), scoring at the layer where that
+model reads the image (``shipped.reading_layer``: 3). ``tiny`` and ``bench`` build a
 random-weight checkpoint on the spot: there the answers are noise and the
 point is the plumbing and the token counts.
 """
@@ -55,12 +56,16 @@ def main() -> None:
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+    cmd = ["--plugin", "trio", "--trio-keep-ratio", "0.25"]
     if args.preset == "scenes":
-        from benchmarks.quality.shipped import MODEL_DIR, demo_samples
+        from benchmarks.quality.shipped import MODEL_DIR, demo_samples, reading_layer
 
         ckpt = MODEL_DIR
         samples = demo_samples(ckpt)
         questions = [(s.image, s.question, s.answer) for s in samples]
+        depth = reading_layer(ckpt)
+        if depth is not None:
+            cmd += ["--trio-depth", str(depth)]
     else:
         ckpt = build_checkpoint(args.out / f"ckpt-{args.preset}", preset=args.preset)
         image = scene(112 if args.preset == "tiny" else 672)
@@ -68,7 +73,6 @@ def main() -> None:
     server_args = list(TEST_SERVER_ARGS)
     if args.preset == "bench":
         server_args[server_args.index("--max-model-len") + 1] = "4096"
-    cmd = ["--plugin", "trio", "--trio-keep-ratio", "0.25"]
     print(f"$ vllm serve {ckpt} {' '.join(cmd)}", flush=True)
     rows = []
     args.out.mkdir(parents=True, exist_ok=True)

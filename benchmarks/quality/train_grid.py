@@ -38,7 +38,7 @@ Why it looks the way it does (the previous model's failure is in
   (``evidence``): without it the decoder learned neither where to look nor,
   for colour and shape, what to read (``benchmarks/quality/README.md``). The
   layer is above FastV's K = 2 and TRIO's default depth 2, which therefore do
-  not read the supervised map; TRIO at depth 4 runs through it.
+  not read the supervised map; TRIO at depth 3 runs that layer as its proxy loss.
 * **Multi-turn chats.** Each image carries its split question (the eval prompt
   verbatim) and ``extra_turns`` more questions as later turns: one image
   encoding and one pass over its ~480 visual tokens supervise many answers.
