@@ -541,3 +541,51 @@ def test_diagnosis_labels_tokens_and_counts_kept_evidence(tmp_path) -> None:
         assert 0.0 <= row["recall_all"] <= row["evidence_share"] <= 1.0
         kept = row["kept_base"] + row["kept_newline"] + row["kept_drawn"]
         assert 0.0 < kept <= 1.0 + 1e-9
+
+
+def test_readout_threshold_ceiling_and_neighbour_labels() -> None:
+    """The count ceiling is the best ordered-threshold accuracy (brute force
+    agrees), and a relation question's own answer is the neighbour label of
+    its named object on the asked side."""
+    import itertools
+    import random
+
+    from benchmarks.quality import readout as r
+    from benchmarks.quality.evidence import evidence_cells
+
+    rng = random.Random(0)
+    counts = [rng.randint(1, 4) for _ in range(40)]
+    shares = [c / (c + 1) + rng.gauss(0, 0.06) for c in counts]
+    cuts = [*sorted(shares), 2.0]
+    brute = max(
+        sum(1 + sum(s >= t for t in ts) == c for s, c in zip(shares, counts, strict=True))
+        for ts in itertools.combinations_with_replacement(cuts, 3)
+    ) / len(counts)
+    assert r.threshold_ceiling(shares, counts) == brute
+    assert r.threshold_ceiling([0.1, 0.2, 0.3, 0.4], [1, 2, 3, 4]) == 1.0
+
+    for index in range(3, 3 + 6 * 12, 6):
+        sample = g.make_sample("train", index)
+        turn = g.Turn(sample.question, sample.answer, "relation")
+        cell = evidence_cells(sample.scene, turn)[0]
+        side = next(s for s in g.RELATIONS if f" {s} the " in sample.question)
+        dx, dy = g.RELATIONS[side]
+        assert r.neighbour_label(sample.scene, cell, dx, dy) == g.SHAPES.index(sample.answer)
+
+
+def test_readout_on_the_shipped_model(tmp_path) -> None:
+    """The supervised heads look up the named object for relation questions
+    (measured 0.99 of their attention), a probe reads a token's own shape, and
+    the report is written."""
+    from benchmarks.quality import readout as r
+
+    out = tmp_path / "readout"
+    assert r.main(["--n", "36", "--probe-n", "40", "--threads", "2", "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert {row["family"] for row in data["rows"]} == {"count", "relation"}
+    for row in data["rows"]:
+        assert abs(sum(row[p] for p in r.PARTS) - 1.0) < 1e-5
+        if row["family"] == "relation":
+            assert row["evidence"] > 0.9
+    assert data["probes"]["token_tower: own shape"]["accuracy"] > 0.9
+    assert "## Count: evidence share per true count" in out.with_suffix(".md").read_text()
