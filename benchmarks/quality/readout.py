@@ -16,7 +16,10 @@ looked-up tokens carry:
   evidence tokens should take ``n / (n + 1)`` of the attention; how much the
   per-question shares overlap bounds what any readout of them can do, so the
   best thresholds on the share (fitted on the same questions: an in-sample
-  ceiling) are reported next to the model's accuracy.
+  ceiling) are reported next to the model's accuracy, with where the
+  spread comes from: the score gap log(attention on a counted object / on
+  BOS), which a share that counts exactly needs equal for every object, its
+  spread within a question and its mean per object colour.
 * **Relation.** Linear probes (fitted on 70% of ``--probe-n`` training-split
   relation questions, scored on the rest) of the named object's token, at the
   tower's output and at the input of ``attn_layer``, for the shape on each of
@@ -32,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -42,7 +46,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .evidence import evidence_cells, evidence_tokens, packed_index
+from .evidence import evidence_cells, packed_index
 from .grid_scenes import CELL, RELATIONS, SHAPES, TILE, Turn, make_sample, normalize_answer
 from .harness import HFRunner, Prepared, log
 from .shipped import MODEL_DIR, scene_generator, training_record
@@ -120,11 +124,17 @@ def lookup_rows(hf: HFRunner, samples: list, layer: int, heads: list[int]) -> li
             continue
         prep = hf.prepare(i, sample)
         turn = Turn(sample.question, sample.answer, sample.family)
-        evidence = evidence_tokens(sample.scene, turn)
+        cells = evidence_cells(sample.scene, turn)
+        evidence = [packed_index(sample.scene, c) for c in cells]
         with torch.no_grad():
             out = hf.lm(inputs_embeds=prep.embeds[None], output_attentions=True)
-        shares = attention_shares(out.attentions[layer][0, heads, -1], prep, evidence)
+        attn = out.attentions[layer][0, heads, -1]
+        shares = attention_shares(attn, prep, evidence)
         answer = hf.decode(hf.generate(prep.embeds))
+        weights = attn.float().mean(0)
+        # log(attention on each evidence token / on BOS): equal for all counted
+        # objects if the share is to say exactly how many there are.
+        gaps = [math.log(float(weights[prep.visual_rows[e]] / weights[0])) for e in evidence]
         rows.append(
             {
                 "index": i,
@@ -133,6 +143,8 @@ def lookup_rows(hf: HFRunner, samples: list, layer: int, heads: list[int]) -> li
                 "gold": sample.answer,
                 "answer": normalize_answer(answer),
                 "right": normalize_answer(answer) == normalize_answer(sample.answer),
+                "colours": [sample.scene.cells[c].colour for c in cells],
+                "gaps": gaps if sample.family == "count" else [],
                 **shares,
             }
         )
@@ -215,6 +227,20 @@ def summarize(rows: list[dict]) -> dict:
             "sink_ideal": n / (n + 1),
         }
     out["count"]["per_count"] = per_n
+    gaps = [g for r in count for g in r["gaps"]]
+    by_colour: dict[str, list[float]] = {}
+    for r in count:
+        for colour, g in zip(r["colours"], r["gaps"], strict=True):
+            by_colour.setdefault(colour, []).append(g)
+    out["count"]["score_gap"] = {
+        "objects": len(gaps),
+        "mean": statistics.mean(gaps),
+        "sd": statistics.pstdev(gaps),
+        "within_question_sd": statistics.mean(
+            statistics.pstdev(r["gaps"]) for r in count if len(r["gaps"]) > 1
+        ),
+        "by_colour": {c: statistics.mean(v) for c, v in sorted(by_colour.items())},
+    }
     out["count"]["threshold_ceiling"] = threshold_ceiling(
         [r["evidence"] for r in count], [r["n_evidence"] for r in count]
     )
@@ -250,10 +276,17 @@ def markdown(summary: dict, probes: dict, meta: dict) -> str:
             f"{e['share_sd']:.3f} | {e['sink_ideal']:.3f} |"
         )
     c = summary["count"]
+    gap = c["score_gap"]
     lines += [
         "",
         f"Model accuracy {c['accuracy']:.3f}; best thresholds on the evidence share "
         f"(in-sample ceiling of any readout of it) {c['threshold_ceiling']:.3f}.",
+        "",
+        f"Score gap log(attention on a counted object / on BOS) over {gap['objects']} objects: "
+        f"mean {gap['mean']:.3f}, sd {gap['sd']:.3f}, within a question sd "
+        f"{gap['within_question_sd']:.3f}; mean by colour: "
+        + ", ".join(f"{k} {v:.2f}" for k, v in gap["by_colour"].items())
+        + ".",
         "",
         "## Relation: linear probes (held-out accuracy / majority class)",
         "",
