@@ -60,6 +60,7 @@ __all__ = [
     "make_sample",
     "make_split",
     "normalize_answer",
+    "tile_neighbours",
     "vocabulary_text",
 ]
 
@@ -355,7 +356,7 @@ def _relation(rng: random.Random, max_objects: int | None) -> tuple[Scene, Turn]
     if rng.random() < 0.75:
         others = [
             cell
-            for cell in _tile_neighbours(lay.scene, cell_a)
+            for cell in tile_neighbours(lay.scene, cell_a)
             if cell != cell_x and cell not in lay.scene.cells
         ]
         if others:
@@ -370,7 +371,7 @@ def _relation(rng: random.Random, max_objects: int | None) -> tuple[Scene, Turn]
     return lay.scene, Turn(question, answer, "relation")
 
 
-def _tile_neighbours(scene: Scene, cell: tuple[int, int]) -> list[tuple[int, int]]:
+def tile_neighbours(scene: Scene, cell: tuple[int, int]) -> list[tuple[int, int]]:
     """The cells next to ``cell`` (left, right, above, below) inside its tile."""
     per_tile = TILE // CELL
     c, r = cell
@@ -488,7 +489,7 @@ def _question_pools(scene: Scene, rng: random.Random) -> dict[str, list[Turn]]:
         for relation, (dx, dy) in RELATIONS.items():
             x_cell = (cell[0] - dx, cell[1] - dy)
             x = scene.cells.get(x_cell)
-            if x is None or x.kind != "object" or x_cell not in _tile_neighbours(scene, cell):
+            if x is None or x.kind != "object" or x_cell not in tile_neighbours(scene, cell):
                 continue
             question = f"What shape is {relation} the {anchor.colour} {anchor.shape}?"
             pools["relation"].append(Turn(question, x.shape, "relation"))

@@ -47,7 +47,7 @@ import torch
 import torch.nn.functional as F
 
 from .evidence import evidence_cells, packed_index
-from .grid_scenes import CELL, RELATIONS, SHAPES, TILE, Turn, make_sample, normalize_answer
+from .grid_scenes import RELATIONS, SHAPES, Turn, make_sample, normalize_answer, tile_neighbours
 from .harness import HFRunner, Prepared, log
 from .shipped import MODEL_DIR, scene_generator, training_record
 
@@ -57,11 +57,10 @@ PARTS = ("evidence", "bos", "other_visual", "text")
 
 
 def attention_shares(
-    attn: torch.Tensor, prep: Prepared, evidence: Sequence[int]
+    row: torch.Tensor, prep: Prepared, evidence: Sequence[int]
 ) -> dict[str, float]:
-    """Shares of one query row's attention ``[heads, S]`` (mean over heads) on
-    the evidence tokens, BOS, the other visual tokens and the rest of the text."""
-    row = attn.float().mean(0)
+    """Shares of one query row's attention ``[S]`` on the evidence tokens, BOS,
+    the other visual tokens and the rest of the text."""
     mask_ev = torch.zeros_like(row, dtype=torch.bool)
     mask_ev[prep.visual_rows[list(evidence)]] = True
     mask_vis = torch.zeros_like(mask_ev)
@@ -128,10 +127,9 @@ def lookup_rows(hf: HFRunner, samples: list, layer: int, heads: list[int]) -> li
         evidence = [packed_index(sample.scene, c) for c in cells]
         with torch.no_grad():
             out = hf.lm(inputs_embeds=prep.embeds[None], output_attentions=True)
-        attn = out.attentions[layer][0, heads, -1]
-        shares = attention_shares(attn, prep, evidence)
+        weights = out.attentions[layer][0, heads, -1].float().mean(0)  # over the heads
+        shares = attention_shares(weights, prep, evidence)
         answer = hf.decode(hf.generate(prep.embeds))
-        weights = attn.float().mean(0)
         # log(attention on each evidence token / on BOS): equal for all counted
         # objects if the share is to say exactly how many there are.
         gaps = [math.log(float(weights[prep.visual_rows[e]] / weights[0])) for e in evidence]
@@ -155,11 +153,9 @@ def neighbour_label(scene, cell: tuple[int, int], dx: int, dy: int) -> int:
     """Shape index of the object on side ``(dx, dy)`` of ``cell`` inside its
     tile (``grid_scenes``'s relation geometry), or ``len(SHAPES)`` for none
     (relations are asked only inside a tile)."""
-    c, r = cell[0] - dx, cell[1] - dy
-    per_tile = TILE // CELL
-    thing = scene.cells.get((c, r))
-    same_tile = c // per_tile == cell[0] // per_tile and r // per_tile == cell[1] // per_tile
-    if thing is None or thing.kind != "object" or not same_tile:
+    side = (cell[0] - dx, cell[1] - dy)
+    thing = scene.cells.get(side)
+    if thing is None or thing.kind != "object" or side not in tile_neighbours(scene, cell):
         return len(SHAPES)
     return SHAPES.index(thing.shape)
 
