@@ -38,6 +38,41 @@ def test_splits_are_reproducible_prefixes_and_disjoint() -> None:
     assert _hash(easy) != _hash(g.make_sample("train", 3))
 
 
+def test_a_record_without_a_scene_generator_is_refused() -> None:
+    """The first scene model's TRAINING.json named no generator and its scenes are
+    gone: the benchmarks say so instead of failing on a missing module."""
+    from benchmarks.quality.shipped import scene_generator
+
+    assert scene_generator({"generator": "benchmarks.quality.grid_scenes"}) is g
+    with pytest.raises(ValueError, match="names no scene generator"):
+        scene_generator({"command": "python -m benchmarks.quality.train"})
+
+
+def test_chat_prompt_matches_the_chat_template() -> None:
+    """Every arm's prompt is the checkpoint's chat template rendered for one image
+    and the question, minus BOS (which the tokenizer adds)."""
+    from trio_dev.checkpoints import CHAT_TEMPLATE, DEFAULT_SYSTEM_PROMPT
+
+    jinja2 = pytest.importorskip("jinja2")
+    question = "What shape is left of the red circle?"
+    prompt = g.chat_prompt(question)
+    assert prompt.count("<image>") == 1
+    assert prompt.startswith(DEFAULT_SYSTEM_PROMPT)
+    assert prompt.endswith(f"{question} ASSISTANT:")
+    content = [{"type": "image"}, {"type": "text", "text": question}]
+    rendered = (
+        jinja2.Environment()
+        .from_string(CHAT_TEMPLATE)
+        .render(
+            messages=[{"role": "user", "content": content}],
+            bos_token="<s>",
+            eos_token="</s>",
+            add_generation_prompt=True,
+        )
+    )
+    assert rendered == "<s>" + prompt
+
+
 def test_answers_are_balanced_single_words() -> None:
     samples = g.make_split("eval", 720)
     assert Counter(s.family for s in samples) == dict.fromkeys(g.FAMILIES, 120)
@@ -275,6 +310,7 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
         *["--vision-steps", "1", "--vision-batch", "2"],
         *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
         *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
+        *["--relation-layer", "4", "--count-layer", "5", "--vision-neighbour-init", "true"],
     ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main([*tiny, "--state", str(whole / "state"), "--out", str(whole / "model")]) == 0
@@ -485,6 +521,47 @@ def test_count_answers_also_target_the_first_token() -> None:
         assert attention_targets([40], family, True) == [40]
 
 
+def test_relation_heads_target_the_named_object_on_the_asked_side() -> None:
+    """One relation head per side: the asked side's head is pulled onto the named
+    object, every other side's onto BOS; other families have no relation targets."""
+    from benchmarks.quality.train_grid import relation_targets
+
+    for index, side in enumerate(g.RELATIONS):
+        turn = g.Turn(f"What shape is {side} the red circle?", "square", "relation")
+        targets = relation_targets([77], turn)
+        assert targets == [[77] if s == index else [0] for s in range(len(g.RELATIONS))]
+    with pytest.raises(ValueError, match="not a relation question"):
+        relation_targets([77], g.Turn("What colour is the circle?", "red", "colour"))
+
+
+def test_neighbour_heads_attend_to_each_in_tile_neighbour() -> None:
+    """``tower_init.neighbour_heads`` gives the scene model's CLIP tower, at
+    initialisation, one layer-0 head per side that puts at least 0.9 of every
+    patch's attention on that side's neighbour (scene tiles through the real
+    processor; HF eager attention weights)."""
+    from benchmarks.quality.grid_scenes import make_conversation
+    from benchmarks.quality.tower_init import neighbour_heads
+    from benchmarks.quality.train_grid import _DIRECTIONS, build_model, build_scene_processor
+
+    model, processor = build_model(0), build_scene_processor()
+    tower = model.model.vision_tower
+    offsets = [d for _, d in _DIRECTIONS]
+    neighbour_heads(tower, offsets)
+    tower.config._attn_implementation = "eager"
+    images = [make_conversation("train", i, 0, 0)[0].image for i in range(3)]
+    encode = processor.image_processor
+    pixels = torch.cat([encode(images=im, return_tensors="pt")["pixel_values"][0] for im in images])
+    with torch.no_grad():
+        weights = tower(pixels, output_attentions=True).attentions[0]
+    side = g.TILE // g.CELL
+    for head, (dx, dy) in enumerate(offsets):
+        for p in range(side * side):
+            x, y = p % side + dx, p // side + dy
+            if 0 <= x < side and 0 <= y < side:
+                on_neighbour = weights[:, head, 1 + p, 1 + y * side + x]
+                assert on_neighbour.min() >= 0.9, (head, p, on_neighbour)
+
+
 def test_readout_gradient_reaches_the_tokens_scaled() -> None:
     """``scaled_gradient`` leaves values alone and scales what flows back into the
     tokens: 0 detaches (heads as pure probes), 0.5 halves, 1 is the identity."""
@@ -589,3 +666,69 @@ def test_readout_on_the_shipped_model(tmp_path) -> None:
             assert row["evidence"] > 0.9
     assert data["probes"]["token_tower: own shape"]["accuracy"] > 0.9
     assert "## Count: evidence share per true count" in out.with_suffix(".md").read_text()
+
+
+@pytest.mark.skipif(
+    generator_name() != "benchmarks.quality.grid_scenes",
+    reason="needs the shipped grid-scene model",
+)
+def test_harness_parts_merge_into_the_table_of_one_run(tmp_path) -> None:
+    """``--part`` runs of disjoint arms joined by ``--merge`` give the rows one
+    run of all those arms gives (every number but the arms' seconds), and a part
+    repeated, or a part of another question set, is refused."""
+    from benchmarks.quality import harness
+
+    common = ["--n", "12", "--ratios", "1", "0.111", "--threads", "1"]
+    arms = {"a": ["hf-unpruned", "random"], "b": ["grid", "diversity"]}
+    assert (
+        harness.main([*common, "--arms", *arms["a"], *arms["b"], "--out", str(tmp_path / "one")])
+        == 0
+    )
+    for name, subset in arms.items():
+        out = str(tmp_path / name)
+        assert harness.main([*common, "--arms", *subset, "--part", "--out", out]) == 0
+    parts = [str(tmp_path / f"{name}.part.json") for name in arms]
+    assert harness.main(["--merge", *parts, "--out", str(tmp_path / "merged")]) == 0
+
+    def rows(stem: str) -> list[dict]:
+        table = json.loads((tmp_path / f"{stem}.json").read_text())["rows"]
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in table]
+
+    assert rows("merged") == rows("one")
+    assert len(rows("one")) == 1 + 3  # unpruned, then three baselines at 0.111
+    with pytest.raises(SystemExit, match="more than one part"):
+        harness.main(["--merge", parts[0], parts[0], "--out", str(tmp_path / "twice")])
+    other = tmp_path / "other"
+    assert (
+        harness.main(
+            [*common[:1], "6", *common[2:], "--arms", "grid", "--part", "--out", str(other)]
+        )
+        == 0
+    )
+    with pytest.raises(SystemExit, match="other n"):
+        harness.main(["--merge", parts[0], f"{other}.part.json", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.skipif(
+    generator_name() != "benchmarks.quality.grid_scenes",
+    reason="needs the shipped grid-scene model",
+)
+def test_record_comparison_rescores_the_recorded_answers() -> None:
+    """``compare_records`` scores a record's answers to the accuracy the record
+    states, and a changed answer moves exactly one McNemar cell."""
+    from benchmarks.quality.compare_records import compare
+    from benchmarks.quality.shipped import MODEL_DIR, training_record
+
+    record = training_record(MODEL_DIR)
+    same = compare(record, record)
+    assert round(same["new"]["accuracy"], 4) == record["eval_hf_float32"]["accuracy"]
+    assert (same["only_new"], same["only_old"], same["p"]) == (0, 0, 1.0)
+    samples = g.make_split("eval", len(record["eval_answers"]), record["config"]["seed"])
+    wrong = next(
+        i
+        for i, (a, s) in enumerate(zip(record["eval_answers"], samples, strict=True))
+        if a != s.answer
+    )
+    fixed = {**record, "eval_answers": list(record["eval_answers"])}
+    fixed["eval_answers"][wrong] = samples[wrong].answer
+    assert (compare(fixed, record)["only_new"], compare(fixed, record)["only_old"]) == (1, 0)

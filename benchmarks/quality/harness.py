@@ -2,10 +2,12 @@
 
     .venv/bin/python -m benchmarks.quality.harness [--n 1002] \
         [--ratios 1 0.333 0.222 0.111 0.05] [--model benchmarks/quality/model] [--quick]
+    .venv/bin/python -m benchmarks.quality.harness --part --arms ... --out A  # one core's share
+    .venv/bin/python -m benchmarks.quality.harness --merge A.part.json B.part.json
 
 Evaluates the first ``--n`` questions of the eval split of the scenes the
-model was trained on (its ``TRAINING.json`` names the generator:
-``grid_scenes``, or ``scenes`` for the first model), and writes
+model was trained on (its ``TRAINING.json`` names the generator,
+``grid_scenes``), and writes
 ``benchmarks/results/quality.json``, ``.md`` and ``.svg``: per arm and keep
 ratio, accuracy per family and overall with 95% intervals, relative to stock
 vLLM's unpruned accuracy, visual tokens per layer, KV tokens per request and
@@ -65,8 +67,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -104,6 +107,7 @@ from vllm_trio.core import (
     select_visual_tokens,
 )
 
+from . import grid_scenes
 from .grid_scenes import Sample, chat_prompt
 from .shipped import MODEL_DIR, scene_generator, training_record
 from .table import ArmResult, markdown, summarise, svg_plot
@@ -659,6 +663,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, help="default: longest answer + EOS")
     ap.add_argument("--threads", type=int, default=1, help="torch threads for the HF arms")
     ap.add_argument("--out", help=f"output stem (.json, .md, .svg); default {DEFAULT_OUT}")
+    ap.add_argument(
+        "--part",
+        action="store_true",
+        help="write the arms' per-question results to <out>.part.json instead of the table, "
+        "to be joined with --merge (runs of disjoint --arms/--depths side by side)",
+    )
+    ap.add_argument(
+        "--merge",
+        nargs="+",
+        metavar="PART",
+        help="build the table from --part files of one model, question set and max_tokens "
+        "instead of running arms",
+    )
     args = ap.parse_args(argv)
     if args.quick:
         args.n, args.ratios = 24, [1.0, 0.111]
@@ -676,6 +693,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge_parts([Path(p) for p in args.merge], Path(args.out))
     # Per-sample work on a small model is latency-bound, and OpenMP with every
     # core busy-waits badly as soon as anything else runs (measured 50x slower
     # at 2 threads on a loaded 2-core machine).
@@ -687,7 +706,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pruned_ratios = [r for r in ratios if r < 1.0]
     with tempfile.TemporaryDirectory(prefix="trio-quality-") as tmp:
         model_dir, kind, training = resolve_model(args, Path(tmp))
-        generator = scene_generator(training)
+        generator = _generator(training)
         families = generator.FAMILIES
         samples = generator.make_split("eval", args.n, args.seed)
         log(start, f"{len(samples)} eval samples; model {model_dir} ({kind})")
@@ -780,9 +799,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                 timings[f"trio-layer@{d}"] = time.perf_counter() - t0
         _fill_vllm_kept(results, prepared)
 
-        results.sort(key=_order)
-        product = f"trio-vllm@{DEFAULT_DEPTH}"
-        rows = summarise(results, samples, families, hf.num_layers, product)
         meta = {
             "model": str(model_dir if not args.tiny else "tiny (random)"),
             "model_kind": kind,
@@ -792,7 +808,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "ratios": ratios,
             "depths": depths,
             "default_depth": DEFAULT_DEPTH,
-            "product": product,
+            "product": f"trio-vllm@{DEFAULT_DEPTH}",
             "command": "python -m benchmarks.quality.harness " + " ".join(argv or sys.argv[1:]),
             "multi_stage_layers": multi_stage_layers(hf.num_layers),
             "ve_depth": args.ve_depth,
@@ -813,6 +829,30 @@ def main(argv: Sequence[str] | None = None) -> int:
             "load_avg_end": list(os.getloadavg()),
         }
     out = Path(args.out)
+    if args.part:
+        part = out.with_suffix(".part.json")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        raw = {"meta": meta, "results": [asdict(r) for r in results]}
+        part.write_text(json.dumps(raw) + "\n")
+        log(start, f"wrote {part}")
+    else:
+        write_table(results, samples, families, meta, out)
+        log(start, f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
+    _freeze_heap()
+    return 0
+
+
+def write_table(
+    results: list[ArmResult],
+    samples: list[Sample],
+    families: Sequence[str],
+    meta: dict[str, Any],
+    out: Path,
+) -> None:
+    """Summarise ``results`` (every arm against stock vLLM and the product) and
+    write ``out`` .json, .md and .svg; prints the table."""
+    results = sorted(results, key=_order)
+    rows = summarise(results, samples, families, meta["num_layers"], meta["product"])
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     table = markdown(rows, meta, families)
@@ -820,9 +860,67 @@ def main(argv: Sequence[str] | None = None) -> int:
     title = f"{meta['n']} questions, {meta['num_layers']} layers: accuracy vs visual tokens/layer"
     out.with_suffix(".svg").write_text(svg_plot(rows, title))
     print(table)
-    log(start, f"wrote {out.with_suffix('.json')} and {out.with_suffix('.md')}")
-    _freeze_heap()
+
+
+#: Settings every part of a merged table must share: the same model, questions,
+#: decoding budget and baseline settings answer every arm.
+_SHARED = (
+    "model",
+    "training",
+    "n",
+    "seed",
+    "max_tokens",
+    "num_layers",
+    "ve_depth",
+    "ve_factor",
+    "fastv_k",
+    "visual_tokens",
+    "default_depth",
+    "product",
+)
+
+
+#: What the merged record keeps of each part.
+_PART_RECORD = ("command", "runtime_s", "timings_s", "load_avg_start", "load_avg_end")
+
+
+def merge_parts(parts: Sequence[Path], out: Path) -> int:
+    """One table from ``--part`` runs (``--merge``): their results joined, each
+    (arm, ratio) from exactly one part, compared as if one run had made them all."""
+    loaded = [json.loads(p.read_text()) for p in parts]
+    first = loaded[0]["meta"]
+    for path, part in zip(parts, loaded, strict=True):
+        differs = [k for k in _SHARED if part["meta"].get(k) != first.get(k)]
+        if differs:
+            raise SystemExit(f"{path} was run with other {', '.join(differs)} than {parts[0]}")
+    results = [ArmResult(**r) for part in loaded for r in part["results"]]
+    seen: set[tuple[str, float]] = set()
+    for r in results:
+        if (r.arm, r.ratio) in seen:
+            raise SystemExit(f"{r.arm} at ratio {r.ratio:g} is in more than one part")
+        seen.add((r.arm, r.ratio))
+    metas = [part["meta"] for part in loaded]
+    meta = {
+        **first,
+        "ratios": sorted({r for m in metas for r in m["ratios"]}, reverse=True),
+        "depths": sorted({d for m in metas for d in m["depths"]}),
+        "command": " + ".join(m["command"] for m in metas),
+        "timings_s": {k: v for m in metas for k, v in m["timings_s"].items() if k != "prepare"},
+        # The parts ran side by side: the table took the longest part's time.
+        "runtime_s": max(m["runtime_s"] for m in metas),
+        "parts": [{k: m[k] for k in _PART_RECORD} for m in metas],
+        "load_avg_start": first["load_avg_start"],
+        "load_avg_end": max((m["load_avg_end"] for m in metas), key=lambda a: a[0]),
+    }
+    generator = _generator(meta["training"])
+    samples = generator.make_split("eval", meta["n"], meta["seed"])
+    write_table(results, samples, generator.FAMILIES, meta, out)
     return 0
+
+
+def _generator(training: dict[str, Any]) -> ModuleType:
+    """The scenes to ask: the model's own, or ``grid_scenes`` for ``--tiny`` (no record)."""
+    return scene_generator(training) if training else grid_scenes
 
 
 def _freeze_heap() -> None:

@@ -36,7 +36,7 @@ from trio_dev.local_server import image_chat_messages
 
 def default_sample() -> tuple[Image.Image, str, str]:
     """A generated scene with its question and answer (no files needed)."""
-    from .scenes import make_split
+    from .grid_scenes import make_split
 
     sample = make_split("eval", 1)[0]
     return sample.image, sample.question, sample.answer

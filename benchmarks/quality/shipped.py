@@ -34,9 +34,15 @@ def training_record(model_dir: Path = MODEL_DIR) -> dict[str, Any]:
 def scene_generator(training: dict[str, Any]) -> ModuleType:
     """The scene module a checkpoint was trained on (its TRAINING.json ``generator``).
 
-    The first scene model predates the field: ``benchmarks.quality.scenes``.
+    The first scene model's records had none; its scene module was removed with
+    it (it is in git at commit 168e76f).
     """
-    return importlib.import_module(training.get("generator", "benchmarks.quality.scenes"))
+    if "generator" not in training:
+        raise ValueError(
+            "TRAINING.json names no scene generator: a first-generation scene model, "
+            "whose scenes (benchmarks/quality/scenes.py) were removed after commit 168e76f"
+        )
+    return importlib.import_module(training["generator"])
 
 
 def generator_name(model_dir: Path = MODEL_DIR) -> str | None:

@@ -39,6 +39,8 @@ Why it looks the way it does (the previous model's failure is in
   for colour and shape, what to read (``benchmarks/quality/README.md``). The
   layer is above FastV's K = 2 and TRIO's default depth 2, which therefore do
   not read the supervised map; TRIO at depth 3 runs that layer as its proxy loss.
+  Optional extra heads (``relation_layer``, ``count_layer``, off in v9) give
+  relation one head per side and count heads of their own.
 * **Multi-turn chats.** Each image carries its split question (the eval prompt
   verbatim) and ``extra_turns`` more questions as later turns: one image
   encoding and one pass over its ~480 visual tokens supervise many answers.
@@ -114,6 +116,7 @@ from .symbolic import (
     symbolic_scene,
     tile_kinds,
 )
+from .tower_init import neighbour_heads
 
 if TYPE_CHECKING:
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
@@ -215,6 +218,31 @@ class TrainConfig:
     #: signal of n. Spread over the n objects alone it is their mean, the same
     #: for every n (v8: count 0.49, mostly "one" and "four").
     count_sink: bool = True
+    #: Relation answers also supervise heads ``relation_heads`` of layer
+    #: ``relation_layer`` (-1: off), one head per side in ``RELATIONS`` order:
+    #: the asked side's head is pulled onto the named object, the other sides'
+    #: heads onto BOS. Each side's head can then read one fixed neighbour
+    #: channel of the named object's token (its value projection) and the
+    #: heads' summed output holds only the asked side's neighbour: choosing
+    #: the side becomes which head finds the object, linear in the query,
+    #: instead of a product of side and neighbours after the lookup (v9 and
+    #: v10 read the neighbours from the named object's token at 0.35-0.61 but
+    #: answered relation 36-40%). v11 (with the next two flags): relation on
+    #: the symbolic training batch 0.92-0.98 at the end of stage 0 against
+    #: v9's 0.50-0.76, but 0.47 against 0.45 on the eval images (README).
+    relation_layer: int = -1
+    relation_heads: tuple[int, ...] = (0, 1, 2, 3)
+    #: Count answers also supervise heads ``count_heads`` of layer
+    #: ``count_layer`` (-1: off) onto the counted objects and BOS, as
+    #: ``attn_heads`` are (``attention_targets``). The layer-3 heads' values
+    #: also carry colour and shape for the other families, which the count
+    #: averages in; heads used by no other family can carry one value per
+    #: object, so that their output depends on how many objects they found
+    #: alone (v9: the best thresholds on the layer-3 heads' share would score
+    #: 77.8% on count, the model scored 59.9%). v11: no change (count 0.58
+    #: against v9's 0.61 on 600 eval questions).
+    count_layer: int = -1
+    count_heads: tuple[int, ...] = (0, 1)
     steps: int = 500
     batch: int = 8
     #: Single-turn chats in stage 2 too (see ``symbolic_tail_turns``).
@@ -236,6 +264,11 @@ class TrainConfig:
     #: steps a probe read a token's left neighbour 0.1% of the time although
     #: the regression target holds it: the tower never found those features.
     vision_readout_weight: float = 1.0
+    #: Start the tower's first layer with one head on each in-tile neighbour
+    #: (``tower_init.neighbour_heads``), so that the side channels only need
+    #: their content to be learned, not where to look. v11: the neighbour
+    #: probes ended the vision stage at 0.91-0.92 against v9's 0.39-0.54.
+    vision_neighbour_init: bool = False
     eval_n: int = 600
     test_n: int = 48
     save_every: int = 100
@@ -243,6 +276,11 @@ class TrainConfig:
     probe_n: int = 96
 
     def __post_init__(self) -> None:
+        if self.relation_layer >= 0 and len(self.relation_heads) != len(RELATIONS):
+            raise ValueError(
+                f"relation_heads needs one head per side {tuple(RELATIONS)}, "
+                f"got {self.relation_heads}"
+            )
         if len(self.symbolic_block_steps) != len(self.symbolic_block_families):
             raise ValueError(
                 "symbolic_block_steps needs one length per symbolic_block_families entry, got "
@@ -374,8 +412,8 @@ class Batch:
     token_labels: torch.Tensor
     #: (row, position, family) of every answer's token.
     answers: list[tuple[int, int, str]]
-    #: (row, position predicting the answer, evidence token positions, family).
-    looks: list[tuple[int, int, list[int], str]]
+    #: (row, position predicting the answer, evidence token positions, turn).
+    looks: list[tuple[int, int, list[int], Turn]]
 
     def to(self, device: torch.device) -> Batch:
         return Batch(
@@ -484,9 +522,9 @@ def make_batch(processor: LlavaNextProcessor, step: int, cfg: TrainConfig) -> Ba
     for i, (ids, lab, pix, _, starts) in enumerate(rows):
         answers += [(i, pos, family) for pos, family in starts]
         first = ids.index(image_token)
-        for (pos, family), turn in zip(starts, turns[i], strict=True):
+        for (pos, _), turn in zip(starts, turns[i], strict=True):
             where = [first + t for t in evidence_tokens(scenes[i], turn)]
-            looks.append((i, pos - 1, where, family))
+            looks.append((i, pos - 1, where, turn))
         input_ids[i, : len(ids)] = torch.tensor(ids)
         labels[i, : len(lab)] = torch.tensor(lab)
         mask[i, : len(ids)] = 1
@@ -689,6 +727,8 @@ class Trainer:
         self.processor = build_scene_processor()
         check_tokenization(self.processor, cfg.seed)
         self.model = build_model(cfg.seed).to(device).train()
+        if cfg.vision_neighbour_init:
+            neighbour_heads(self.model.model.vision_tower, [d for _, d in _DIRECTIONS])
         torch.manual_seed(cfg.seed + 1)
         self.heads = TokenHeads(SPEC.hidden_size).to(device)
         self.residual_heads = TokenHeads(SPEC.hidden_size).to(device)
@@ -703,7 +743,12 @@ class Trainer:
         self.encoder = SymbolicEncoder(
             self.processor.tokenizer, self.model.config.image_token_index
         )
-        self.attention_rows = QueryAttention(self.model.model.language_model.layers[cfg.attn_layer])
+        layers = self.model.model.language_model.layers
+        self.attention_rows = QueryAttention(layers[cfg.attn_layer])
+        self.relation_rows = (
+            QueryAttention(layers[cfg.relation_layer]) if cfg.relation_layer >= 0 else None
+        )
+        self.count_rows = QueryAttention(layers[cfg.count_layer]) if cfg.count_layer >= 0 else None
         decoder = [
             *self.model.model.language_model.named_parameters(),
             *self.model.lm_head.named_parameters(),
@@ -818,7 +863,7 @@ class Trainer:
             row_labels.append(labels[shown])
             for start, turn in zip(starts, turns, strict=True):
                 where = [int(kept_at[first + t]) for t in evidence_tokens(scene, turn)]
-                looks.append((row, int(kept_at[start - 1]), where, turn.family))
+                looks.append((row, int(kept_at[start - 1]), where, turn))
                 keys.append(question_keys(turn))
             e = lm.embed_tokens(torch.tensor(ids, device=self.device))
             visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
@@ -869,27 +914,68 @@ class Trainer:
         with torch.no_grad():
             predicted = logits.argmax(-1)
             counts: dict[str, list[int]] = {}
-            for row, query, _, family in looks:
+            for row, query, _, turn in looks:
                 hit = int(predicted[row, query] == shifted[row, query])
-                counts.setdefault(family, []).append(hit)
+                counts.setdefault(turn.family, []).append(hit)
         hits = [h for v in counts.values() for h in v]
         record["answer_acc"] = sum(hits) / len(hits)
         return record | {f"acc_{f[:4]}": sum(v) / len(v) for f, v in counts.items()}
 
-    def _attention_loss(self, looks: Sequence[tuple[int, int, list[int], str]]) -> torch.Tensor:
+    def _attention_loss(self, looks: Sequence[tuple[int, int, list[int], Turn]]) -> torch.Tensor:
         """Mean over answers of ``-log`` attention of the supervised heads (at the
-        position that predicts the answer) on each evidence token; ``looks``
-        holds (batch row, query position, evidence positions, family)."""
+        position that predicts the answer) on each evidence token, plus the
+        relation and count heads' terms (``_relation_loss``, ``_count_loss``);
+        ``looks`` holds (batch row, query position, evidence positions, turn)."""
         looks = [look for look in looks if look[2]]  # a "no" with nothing alike: no target
         weights = self.attention_rows.weights(
             [r for r, _, _, _ in looks], [q for _, q, _, _ in looks], self.cfg.attn_heads
         )
         terms = [
-            -w[:, attention_targets(where, family, self.cfg.count_sink)]
+            -w[:, attention_targets(where, turn.family, self.cfg.count_sink)]
             .clamp_min(1e-9)
             .log()
             .mean()
-            for w, (_, _, where, family) in zip(weights, looks, strict=True)
+            for w, (_, _, where, turn) in zip(weights, looks, strict=True)
+        ]
+        return torch.stack(terms).mean() + self._relation_loss(looks) + self._count_loss(looks)
+
+    def _count_loss(self, looks: Sequence[tuple[int, int, list[int], Turn]]) -> torch.Tensor:
+        """``count_heads`` on the counted objects and BOS (``_head_loss``)."""
+        return self._head_loss(
+            self.count_rows,
+            self.cfg.count_heads,
+            [look for look in looks if look[3].family == "count"],
+            lambda where, _turn: [attention_targets(where, "count", True)]
+            * len(self.cfg.count_heads),
+        )
+
+    def _relation_loss(self, looks: Sequence[tuple[int, int, list[int], Turn]]) -> torch.Tensor:
+        """``relation_heads`` on the named object (the asked side's head) or BOS
+        (the other sides' heads; ``relation_targets``, ``_head_loss``)."""
+        return self._head_loss(
+            self.relation_rows,
+            self.cfg.relation_heads,
+            [look for look in looks if look[3].family == "relation"],
+            relation_targets,
+        )
+
+    def _head_loss(
+        self,
+        rows: QueryAttention | None,
+        heads: Sequence[int],
+        looks: Sequence[tuple[int, int, list[int], Turn]],
+        targets: Callable[[list[int], Turn], list[list[int]]],
+    ) -> torch.Tensor:
+        """Mean over ``looks`` and ``heads`` of ``-log`` attention of each head (of
+        the layer ``rows`` watches) on its ``targets(evidence, turn)`` positions;
+        zero where that supervision is off (``rows`` None) or nothing asks for it."""
+        if rows is None or not looks:
+            return torch.zeros((), device=self.device)
+        weights = rows.weights([r for r, _, _, _ in looks], [q for _, q, _, _ in looks], heads)
+        terms = [
+            -w[head, target].clamp_min(1e-9).log().mean()
+            for w, (_, _, where, turn) in zip(weights, looks, strict=True)
+            for head, target in enumerate(targets(where, turn))
         ]
         return torch.stack(terms).mean()
 
@@ -970,6 +1056,16 @@ def attention_targets(where: Sequence[int], family: str, count_sink: bool) -> li
     position 0 in every right-padded row), so that the share of attention left
     on it, 1/(n+1), tells how many objects were found."""
     return [*where, 0] if count_sink and family == "count" else list(where)
+
+
+def relation_targets(where: Sequence[int], turn: Turn) -> list[list[int]]:
+    """Per side in ``RELATIONS`` order, the positions that side's relation head is
+    pulled onto for relation ``turn``: the named object ``where`` for the side
+    the question asks, BOS (position 0) for the others."""
+    side = question_keys(turn)[2] - 1
+    if turn.family != "relation" or side < 0:
+        raise ValueError(f"not a relation question: {turn.question!r}")
+    return [list(where) if s == side else [0] for s in range(len(RELATIONS))]
 
 
 def _symbolic_phase(step: int, cfg: TrainConfig) -> tuple[int, str | None]:
