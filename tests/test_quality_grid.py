@@ -732,3 +732,30 @@ def test_record_comparison_rescores_the_recorded_answers() -> None:
     fixed = {**record, "eval_answers": list(record["eval_answers"])}
     fixed["eval_answers"][wrong] = samples[wrong].answer
     assert (compare(fixed, record)["only_new"], compare(fixed, record)["only_old"]) == (1, 0)
+
+
+def test_symbolic_eval_scores_both_inputs_on_the_same_questions(tmp_path) -> None:
+    """``symbolic_eval`` on a (tiny) saved training state: every question is
+    scored from symbolic rows and from the image, per family and overall, and
+    each family's McNemar cells are the difference of its two accuracies."""
+    from benchmarks.quality import symbolic_eval
+    from benchmarks.quality.train_grid import main
+
+    tiny = [
+        *["--symbolic-steps", "2", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
+        *["--symbolic-blocks-start", "2", "--symbolic-block-steps", "1"],
+        *["--symbolic-block-families", "3", "--vision-steps", "1", "--vision-batch", "2"],
+        *["--steps", "1", "--batch", "2", "--eval-n", "6", "--test-n", "6", "--probe-every", "0"],
+        *["--relation-layer", "4"],
+    ]
+    state = tmp_path / "state"
+    assert main([*tiny, "--state", str(state), "--out", str(tmp_path / "model")]) == 0
+    out = tmp_path / "symbolic.json"
+    assert symbolic_eval.main(["--state", str(state), "--n", "12", "--out", str(out)]) == 0
+    record = json.loads(out.read_text())
+    families = record["families"]
+    assert record["step"] == 4 and families["overall"]["n"] == 12
+    assert sum(families[f]["n"] for f in g.FAMILIES) == 12
+    for r in families.values():
+        diff = round((r["symbolic"] - r["image"]) * r["n"])
+        assert r["only_symbolic"] - r["only_image"] == diff
