@@ -731,7 +731,8 @@ def test_record_comparison_rescores_the_recorded_answers() -> None:
     )
     fixed = {**record, "eval_answers": list(record["eval_answers"])}
     fixed["eval_answers"][wrong] = samples[wrong].answer
-    assert (compare(fixed, record)["only_new"], compare(fixed, record)["only_old"]) == (1, 0)
+    moved = compare(fixed, record)
+    assert (moved["only_new"], moved["only_old"]) == (1, 0)
 
 
 def test_symbolic_eval_scores_both_inputs_on_the_same_questions(tmp_path) -> None:

@@ -23,22 +23,22 @@ from .grid_scenes import FAMILIES, make_split
 from .stats import mcnemar_exact, wilson_interval
 
 
-def correctness(record: dict[str, Any]) -> list[bool]:
-    """Per eval question, whether the recorded answer is the expected one."""
-    answers = record["eval_answers"]
-    samples = make_split("eval", len(answers), record["config"]["seed"])
-    return [a == s.answer for a, s in zip(answers, samples, strict=True)]
+def correctness(record: dict[str, Any], samples: Sequence[Any]) -> list[bool]:
+    """Per eval question, whether the recorded answer is ``samples``' expected one."""
+    return [a == s.answer for a, s in zip(record["eval_answers"], samples, strict=True)]
 
 
 def compare(new: dict[str, Any], old: dict[str, Any]) -> dict[str, Any]:
     """Accuracies, intervals, per-family accuracies and McNemar of ``new`` vs ``old``."""
-    a, b = correctness(new), correctness(old)
-    if len(a) != len(b) or new["config"]["seed"] != old["config"]["seed"]:
+    sizes = (len(new["eval_answers"]), len(old["eval_answers"]))
+    seeds = (new["config"]["seed"], old["config"]["seed"])
+    if sizes[0] != sizes[1] or seeds[0] != seeds[1]:
         raise ValueError(
-            f"the records answered different questions ({len(a)} and {len(b)}, "
-            f"seeds {new['config']['seed']} and {old['config']['seed']})"
+            f"the records answered different questions ({sizes[0]} and {sizes[1]}, "
+            f"seeds {seeds[0]} and {seeds[1]})"
         )
-    samples = make_split("eval", len(a), new["config"]["seed"])
+    samples = make_split("eval", sizes[0], seeds[0])
+    a, b = correctness(new, samples), correctness(old, samples)
     only_new, only_old, p = mcnemar_exact(a, b)
 
     def family(hits: Sequence[bool]) -> dict[str, float]:

@@ -46,10 +46,8 @@ def symbolic_answer_hit(trainer: Trainer, sample: Any) -> bool:
     kinds, labels = packed_layout(sample.scene, token_labels(sample.scene))
     turn = Turn(sample.question, sample.answer, sample.family)
     ids, _, first, starts = trainer.encoder.encode([turn], kinds.numel())
+    embeds = trainer.symbolic_embeddings(ids, first, kinds, labels)
     lm = trainer.model.model.language_model
-    embeds = lm.embed_tokens(torch.tensor(ids))
-    visual = trainer.symbolic(kinds, labels)
-    embeds = torch.cat([embeds[:first], visual, embeds[first + kinds.numel() :]])
     hidden = lm(inputs_embeds=embeds[None], use_cache=False).last_hidden_state
     predicted = trainer.model.lm_head(hidden[0, starts[0] - 1]).argmax()
     return int(predicted) == ids[starts[0]]

@@ -865,9 +865,7 @@ class Trainer:
                 where = [int(kept_at[first + t]) for t in evidence_tokens(scene, turn)]
                 looks.append((row, int(kept_at[start - 1]), where, turn))
                 keys.append(question_keys(turn))
-            e = lm.embed_tokens(torch.tensor(ids, device=self.device))
-            visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
-            e = torch.cat([e[:first], visual, e[first + kinds.numel() :]])
+            e = self.symbolic_embeddings(ids, first, kinds, labels)
             embeds.append(e[keep.to(self.device)])
             targets.append(torch.tensor(answer_labels)[keep].to(self.device))
             # Kept rows keep their positions in the whole prompt (the grid's geometry).
@@ -921,23 +919,30 @@ class Trainer:
         record["answer_acc"] = sum(hits) / len(hits)
         return record | {f"acc_{f[:4]}": sum(v) / len(v) for f, v in counts.items()}
 
+    def symbolic_embeddings(
+        self, ids: Sequence[int], first: int, kinds: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Input embeddings ``[len(ids), hidden]`` of a symbolic chat: the decoder's
+        word embeddings, with the image's placeholders from ``first`` on replaced
+        by the symbolic rows of ``kinds`` and ``labels`` (``packed_layout``)."""
+        e = self.model.model.language_model.embed_tokens(torch.tensor(ids, device=self.device))
+        visual = self.symbolic(kinds.to(self.device), labels.to(self.device))
+        return torch.cat([e[:first], visual, e[first + kinds.numel() :]])
+
     def _attention_loss(self, looks: Sequence[tuple[int, int, list[int], Turn]]) -> torch.Tensor:
         """Mean over answers of ``-log`` attention of the supervised heads (at the
         position that predicts the answer) on each evidence token, plus the
         relation and count heads' terms (``_relation_loss``, ``_count_loss``);
         ``looks`` holds (batch row, query position, evidence positions, turn)."""
         looks = [look for look in looks if look[2]]  # a "no" with nothing alike: no target
-        weights = self.attention_rows.weights(
-            [r for r, _, _, _ in looks], [q for _, q, _, _ in looks], self.cfg.attn_heads
+        main = self._head_loss(
+            self.attention_rows,
+            self.cfg.attn_heads,
+            looks,
+            lambda where, turn: [attention_targets(where, turn.family, self.cfg.count_sink)]
+            * len(self.cfg.attn_heads),
         )
-        terms = [
-            -w[:, attention_targets(where, turn.family, self.cfg.count_sink)]
-            .clamp_min(1e-9)
-            .log()
-            .mean()
-            for w, (_, _, where, turn) in zip(weights, looks, strict=True)
-        ]
-        return torch.stack(terms).mean() + self._relation_loss(looks) + self._count_loss(looks)
+        return main + self._relation_loss(looks) + self._count_loss(looks)
 
     def _count_loss(self, looks: Sequence[tuple[int, int, list[int], Turn]]) -> torch.Tensor:
         """``count_heads`` on the counted objects and BOS (``_head_loss``)."""
