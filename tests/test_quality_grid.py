@@ -311,6 +311,7 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
         *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
         *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
         *["--relation-layer", "4", "--count-layer", "5", "--vision-neighbour-init", "true"],
+        *["--count-heads", "0,1,2", "--count-sink-odds", "1.5,2.5,3.5"],
     ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main([*tiny, "--state", str(whole / "state"), "--out", str(whole / "model")]) == 0
@@ -323,6 +324,49 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
         assert torch.equal(a[key], b[key]), key
     record = json.loads((whole / "model" / "TRAINING.json").read_text())
     assert any("attn_loss" in h for h in record["history"])
+
+
+def test_a_frozen_decoder_keeps_its_stage_1_weights_through_the_chat_stage(tmp_path) -> None:
+    """``--chat-decoder-lr-scale 0``: the chat stage trains the tower, projector and
+    image newline only (the decoder's weights stay bit-identical to the end of
+    the vision stage); another scale reaches the decoder's parameter groups.
+    The run resumes from a state saved without a later flag in its config."""
+    from safetensors.torch import load_file
+
+    from benchmarks.quality.train_grid import TrainConfig, _in_decoder, main, make_optimizer
+
+    tiny = [
+        *["--symbolic-steps", "2", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
+        *["--symbolic-blocks-start", "1", "--symbolic-block-steps", "1"],
+        *["--symbolic-block-families", "0"],
+        *["--vision-steps", "1", "--vision-batch", "2", "--steps", "2", "--batch", "2"],
+        *["--eval-n", "6", "--test-n", "6", "--probe-every", "0"],
+        *["--chat-decoder-lr-scale", "0", "--state", str(tmp_path / "state")],
+    ]
+    assert main([*tiny, "--out", str(tmp_path / "before"), "--stop-at", "3"]) == 0
+    # A state saved before a flag existed resumes with that flag at its default.
+    state = torch.load(tmp_path / "state" / "state.pt", weights_only=False)
+    del state["config"]["count_sink_odds"]
+    torch.save(state, tmp_path / "state" / "state.pt")
+    assert main([*tiny, "--out", str(tmp_path / "after")]) == 0
+    before, after = (load_file(tmp_path / d / "model.safetensors") for d in ("before", "after"))
+    # The saved layout is vLLM's (``trio_dev.checkpoints``): ``language_model.*``.
+    decoder = [k for k in before if k.startswith("language_model.")]
+    image_path = [k for k in before if k.startswith("vision_tower.")]
+    assert decoder and image_path
+    assert all(torch.equal(before[k], after[k]) for k in decoder)
+    assert not all(torch.equal(before[k], after[k]) for k in image_path)
+    assert not torch.equal(before["image_newline"], after["image_newline"])
+
+    params = [("model.language_model.w", torch.nn.Parameter(torch.ones(2, 2)))]
+    params.append(("model.vision_tower.w", torch.nn.Parameter(torch.ones(2, 2))))
+    groups = make_optimizer(params, TrainConfig(), lambda n: 0.1 if _in_decoder(n) else 1.0)
+    assert [(g["lr_scale"], len(g["params"])) for g in groups.param_groups] == [
+        (1.0, 1),
+        (1.0, 0),
+        (0.1, 1),
+        (0.1, 0),
+    ]
 
 
 def test_stage_0_schedule_blocks_then_background() -> None:
@@ -519,6 +563,22 @@ def test_count_answers_also_target_the_first_token() -> None:
     assert attention_targets([40, 52], "count", False) == [40, 52]
     for family in ("colour", "shape", "relation", "presence", "text"):
         assert attention_targets([40], family, True) == [40]
+
+
+def test_count_heads_with_odds_hold_a_thermometer_code_of_the_count() -> None:
+    """``count_shares``: BOS gets ``odds`` times an object's share, the shares sum
+    to one, and BOS holds more than half exactly when fewer than ``odds``
+    objects are counted; odds need one per count head."""
+    from benchmarks.quality.train_grid import TrainConfig, count_shares
+
+    for odds in (1.5, 2.5, 3.5):
+        for n in range(1, 5):
+            shares = count_shares(n, odds)
+            assert len(shares) == n + 1 and sum(shares) == pytest.approx(1.0)
+            assert shares[-1] == pytest.approx(odds * shares[0])
+            assert (shares[-1] > 0.5) == (n < odds)
+    with pytest.raises(ValueError, match="one odds per count head"):
+        TrainConfig(count_heads=(0, 1), count_sink_odds=(1.5, 2.5, 3.5))
 
 
 def test_relation_heads_target_the_named_object_on_the_asked_side() -> None:
