@@ -311,7 +311,7 @@ def test_training_resumes_bit_identically_through_all_stages(tmp_path) -> None:
         *["--steps", "2", "--batch", "2", "--extra-turns", "1"],
         *["--eval-n", "6", "--test-n", "6", "--probe-every", "0", "--save-every", "1"],
         *["--relation-layer", "4", "--count-layer", "5", "--vision-neighbour-init", "true"],
-        *["--count-heads", "0,1,2", "--count-sink-odds", "1.5,2.5,3.5"],
+        *["--count-heads", "0,1,2", "--count-sink-odds", "1.5,2.5,3.5", "--align-balance", "true"],
     ]
     whole, split = tmp_path / "whole", tmp_path / "split"
     assert main([*tiny, "--state", str(whole / "state"), "--out", str(whole / "model")]) == 0
@@ -397,6 +397,19 @@ def test_stage_0_schedule_blocks_then_background() -> None:
     assert cfg.symbolic_blocks_start < last
     assert symbolic_background(last - 1, cfg) == 0.0
     assert symbolic_background(cfg.symbolic_steps - 1, cfg) == 1.0
+
+
+def test_every_image_of_a_batch_keeps_its_base_tile_kind() -> None:
+    """``batch_kinds`` of several images' concatenated labels equals each image's
+    ``tile_kinds``, where ``tile_kinds`` of the concatenation marks the first
+    image's base tile alone (the other base tiles read as background)."""
+    from benchmarks.quality.symbolic import BASE_TILE, batch_kinds, tile_kinds
+    from benchmarks.quality.train_grid import token_labels
+
+    a, b = (token_labels(g.make_sample("eval", i).scene) for i in (0, 1))
+    both = torch.cat([a, b])
+    assert torch.equal(batch_kinds(both), torch.cat([tile_kinds(a), tile_kinds(b)]))
+    assert (tile_kinds(both)[len(a)] != BASE_TILE).all()
 
 
 def test_symbolic_rows_start_as_the_words_they_show() -> None:

@@ -92,6 +92,14 @@ def tile_kinds(labels: torch.Tensor) -> torch.Tensor:
     return kinds
 
 
+def batch_kinds(labels: torch.Tensor) -> torch.Tensor:
+    """Kinds of the ``token_labels`` rows of several images at once (concatenated
+    ``[tiles, patches, C]``): a base tile is one whose labels are unsupervised
+    (-100), which no high-resolution tile's own colour is."""
+    kinds = torch.where((labels[..., 0] > 0) | (labels[..., 2] > 0), OBJECT, BACKGROUND)
+    return torch.where(labels[..., 0] < 0, BASE_TILE, kinds)
+
+
 def packed_layout(scene: Scene, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Kinds ``[n]`` and labels ``[n, C]`` of the image's ``n`` visual tokens in
     LLaVA-NeXT's packed order: base tile, then each grid row and a newline."""
