@@ -833,3 +833,13 @@ def test_symbolic_eval_scores_both_inputs_on_the_same_questions(tmp_path) -> Non
     for r in families.values():
         diff = round((r["symbolic"] - r["image"]) * r["n"])
         assert r["only_symbolic"] - r["only_image"] == diff
+    # The tower's fit counts every tile token once, and every object's channels.
+    from benchmarks.quality.symbolic import OBJECT, tile_kinds
+    from benchmarks.quality.train_grid import token_labels
+
+    labels = [token_labels(s.scene) for s in g.make_split("eval", 12)]
+    fit = record["tower_fit"]
+    assert sum(k["tokens"] for k in fit["kinds"].values()) == sum(x[..., 0].numel() for x in labels)
+    objects = sum(int((tile_kinds(x) == OBJECT).sum()) for x in labels)
+    assert fit["nearest_class"]["colour"]["tokens"] == objects
+    assert all(0 <= r["accuracy"] <= 1 for r in fit["nearest_class"].values() if r["tokens"])

@@ -12,6 +12,12 @@ scores the first answer token, per family, next to the same model answering
 from the rendered image (``train_grid.evaluate``'s greedy answer). A family
 the decoder answers from symbolic rows but not from the image is lost
 between the tower's tokens and the rows the decoder learnt.
+
+``tower_fit`` says how far apart those are: per token kind, the tower's
+squared error against its symbolic row relative to the row's squared norm,
+and per label channel, how often the object tokens' class is the nearest
+symbolic class once the other channels' true parts are taken out (what the
+decoder's lookup of that channel sees, unlike a freely fitted linear probe).
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import torch
 
 from .grid_scenes import FAMILIES, Turn, make_split, normalize_answer
 from .stats import mcnemar_exact, wilson_interval
-from .symbolic import packed_layout
-from .train_grid import TrainConfig, Trainer, greedy_answer, token_labels
+from .symbolic import BACKGROUND, BASE_TILE, OBJECT, packed_layout, tile_kinds
+from .train_grid import CHANNELS, SPEC, TrainConfig, Trainer, greedy_answer, token_labels
+
+_KINDS = {"base tile": BASE_TILE, "background": BACKGROUND, "object": OBJECT}
 
 
 def load_trainer(state_dir: Path) -> Trainer:
@@ -79,6 +87,50 @@ def compare_inputs(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
     return out
 
 
+@torch.no_grad()
+def tower_fit(trainer: Trainer, samples: Sequence[Any]) -> dict[str, Any]:
+    """The tower's tokens against the symbolic rows of the same tiles: relative
+    squared error per kind, and per channel the nearest-class accuracy on object
+    tokens whose class is known (class 0, "nothing", is the zero row)."""
+    model, symbolic = trainer.model.model, trainer.symbolic
+    error = {name: [0.0, 0.0, 0] for name in _KINDS}
+    hits = {name: [0, 0] for name, _ in CHANNELS}
+    for sample in samples:
+        pixels = trainer.processor.image_processor(images=sample.image, return_tensors="pt")
+        hidden = model.vision_tower(
+            pixels["pixel_values"][0], output_hidden_states=True
+        ).hidden_states[SPEC.vision_feature_layer][:, 1:]
+        tokens = model.multi_modal_projector(hidden)
+        labels = token_labels(sample.scene)
+        kinds = tile_kinds(labels)
+        target = symbolic(kinds, labels)
+        for name, kind in _KINDS.items():
+            at = kinds == kind
+            error[name][0] += (tokens[at] - target[at]).pow(2).sum().item()
+            error[name][1] += target[at].pow(2).sum().item()
+            error[name][2] += int(at.sum())
+        objects, known = tokens[kinds == OBJECT], labels[kinds == OBJECT]
+        rows = target[kinds == OBJECT]
+        for c, (name, _) in enumerate(CHANNELS):
+            table = symbolic.tables[c]
+            own = table(known[:, c].clamp(min=0))
+            rest = objects - (rows - own)  # the token with the other channels' true parts out
+            distance = torch.cdist(rest, table.weight)
+            picked = distance.argmin(-1)
+            at = known[:, c] >= 0
+            hits[name][0] += int((picked[at] == known[at, c]).sum())
+            hits[name][1] += int(at.sum())
+    return {
+        "kinds": {
+            name: {"tokens": n, "relative_sq_error": e / t if t else None}
+            for name, (e, t, n) in error.items()
+        },
+        "nearest_class": {
+            name: {"tokens": n, "accuracy": h / n if n else None} for name, (h, n) in hits.items()
+        },
+    }
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--state", type=Path, required=True, help="a train_grid --state directory")
@@ -91,6 +143,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     start = time.monotonic()
     trainer = load_trainer(args.state)
     result = compare_inputs(trainer, args.n, args.seed)
+    fit = tower_fit(trainer, make_split("eval", args.n, args.seed))
     print(f"step {trainer.step}; {args.n} eval questions; symbolic rows vs rendered image")
     for family, r in result.items():
         print(
@@ -98,9 +151,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"only symbolic {r['only_symbolic']:3d}  only image {r['only_image']:3d}  "
             f"p {r['p']:.2g}"
         )
+    for name, r in fit["kinds"].items():
+        print(
+            f"tower vs rows, {name}: {r['tokens']} tokens, relative squared error "
+            f"{r['relative_sq_error']:.3f}"
+        )
+    print(
+        "nearest symbolic class on object tokens: "
+        + ", ".join(f"{name} {r['accuracy']:.2f}" for name, r in fit["nearest_class"].items())
+    )
     if args.out:
         record = {"state": str(args.state), "step": trainer.step, "n": args.n, "seed": args.seed}
         record |= {"seconds": round(time.monotonic() - start, 1), "families": result}
+        record |= {"tower_fit": fit}
         args.out.write_text(json.dumps(record, indent=1) + "\n")
     return 0
 
