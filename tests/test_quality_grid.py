@@ -12,6 +12,7 @@ import argparse
 import hashlib
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 import torch
@@ -367,6 +368,43 @@ def test_a_frozen_decoder_keeps_its_stage_1_weights_through_the_chat_stage(tmp_p
         (0.1, 1),
         (0.1, 0),
     ]
+
+
+def test_a_branch_from_another_runs_stage_0_equals_a_whole_run(tmp_path) -> None:
+    """A run started with ``--branch-from`` another run's ``stage0.pt`` (which
+    differs in fields read after stage 0 only) writes exactly the weights of the
+    same run trained whole; a stage-0 field that differs is refused by name."""
+    from safetensors.torch import load_file
+
+    from benchmarks.quality.train_grid import AFTER_STAGE_0, STAGE_0_STATE, TrainConfig, main
+
+    assert set(vars(TrainConfig())) >= AFTER_STAGE_0
+    tiny = [
+        *["--symbolic-steps", "2", "--symbolic-background-steps", "1", "--symbolic-batch", "2"],
+        *["--symbolic-blocks-start", "1", "--symbolic-block-steps", "1"],
+        *["--symbolic-block-families", "3", "--relation-layer", "4"],
+        *["--vision-steps", "1", "--vision-batch", "2", "--steps", "2", "--batch", "2"],
+        *["--eval-n", "6", "--test-n", "6", "--probe-every", "0"],
+    ]
+    later = ["--chat-decoder-lr-scale", "0.5", "--align-balance", "true", "--vision-lr", "0.001"]
+    later += ["--chat-rows-weight", "1"]
+
+    def run(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        assert main([*tiny, *extra, "--state", str(out / "state"), "--out", str(out / "m")]) == 0
+        return out
+
+    trunk = run("trunk")
+    stage0 = trunk / "state" / STAGE_0_STATE
+    whole, branch = run("whole", *later), run("branch", *later, "--branch-from", str(stage0))
+    a, b, t = (load_file(d / "m" / "model.safetensors") for d in (whole, branch, trunk))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], t[k]) for k in a)  # the later fields did change it
+    record = json.loads((branch / "m" / "TRAINING.json").read_text())
+    rows = [h["rows_loss"] for h in record["history"] if "rows_loss" in h]
+    assert rows and all(0 < r < float("inf") for r in rows)
+    with pytest.raises(SystemExit, match="differs in symbolic_lr"):
+        run("other", "--symbolic-lr", "0.002", "--branch-from", str(stage0))
 
 
 def test_stage_0_schedule_blocks_then_background() -> None:
