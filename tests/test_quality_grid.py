@@ -372,11 +372,18 @@ def test_a_frozen_decoder_keeps_its_stage_1_weights_through_the_chat_stage(tmp_p
 
 def test_a_branch_from_another_runs_stage_0_equals_a_whole_run(tmp_path) -> None:
     """A run started with ``--branch-from`` another run's ``stage0.pt`` (which
-    differs in fields read after stage 0 only) writes exactly the weights of the
-    same run trained whole; a stage-0 field that differs is refused by name."""
+    differs in fields read after stage 0 only) or ``stage1.pt`` (fields of the
+    chat stage only) writes exactly the weights of the same run trained whole;
+    a field of a stage already run that differs is refused by name."""
     from safetensors.torch import load_file
 
-    from benchmarks.quality.train_grid import AFTER_STAGE_0, STAGE_0_STATE, TrainConfig, main
+    from benchmarks.quality.train_grid import (
+        AFTER_STAGE_0,
+        STAGE_0_STATE,
+        STAGE_1_STATE,
+        TrainConfig,
+        main,
+    )
 
     assert set(vars(TrainConfig())) >= AFTER_STAGE_0
     tiny = [
@@ -405,6 +412,14 @@ def test_a_branch_from_another_runs_stage_0_equals_a_whole_run(tmp_path) -> None
     assert rows and all(0 < r < float("inf") for r in rows)
     with pytest.raises(SystemExit, match="differs in symbolic_lr"):
         run("other", "--symbolic-lr", "0.002", "--branch-from", str(stage0))
+    # From the end of stage 1: the chat stage's fields may differ, the vision stage's not.
+    chat = ["--chat-decoder-lr-scale", "0.5", "--chat-rows-weight", "1"]
+    stage1 = trunk / "state" / STAGE_1_STATE
+    whole, branch = run("whole1", *chat), run("branch1", *chat, "--branch-from", str(stage1))
+    a, b = (load_file(d / "m" / "model.safetensors") for d in (whole, branch))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="another stage 1: it differs in vision_lr"):
+        run("other1", *later, "--branch-from", str(stage1))
 
 
 def test_stage_0_schedule_blocks_then_background() -> None:

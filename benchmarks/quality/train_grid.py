@@ -354,8 +354,20 @@ AFTER_STAGE_0: frozenset[str] = frozenset(
         "probe_n",
     }
 )
-#: The state kept at the end of stage 0, next to ``state.pt``.
+#: Fields read only by the chat stage (stage 2), evaluation, probes and saving:
+#: runs that differ in these alone have the same stages 0 and 1.
+AFTER_STAGE_1: frozenset[str] = AFTER_STAGE_0 - {
+    "vision_steps",
+    "vision_batch",
+    "vision_lr",
+    "vision_readout_weight",  # the chat stage's alignment loss reads these two too
+    "align_balance",
+    "steps",  # with ``batch``, where the vision stage's scenes start
+    "batch",
+}
+#: The states kept at the end of stages 0 and 1, next to ``state.pt``.
 STAGE_0_STATE = "stage0.pt"
+STAGE_1_STATE = "stage1.pt"
 
 
 # --------------------------------------------------------------------------- #
@@ -893,25 +905,30 @@ class Trainer:
         self.say(f"resumed from {self.state_path} at step {self.step}")
 
     def _branch(self, path: Path) -> None:
-        """Start from another run's end-of-stage-0 state (``STAGE_0_STATE``), whose
-        configuration may differ from this one only in ``AFTER_STAGE_0``: what
-        the two runs did up to there is the same. The vision and chat
-        optimisers start fresh, as they would (neither has stepped yet)."""
+        """Start from another run's state at the end of stage 0 (``STAGE_0_STATE``)
+        or stage 1 (``STAGE_1_STATE``), whose configuration may differ from this
+        one only in ``AFTER_STAGE_0`` or ``AFTER_STAGE_1``: what the two runs did
+        up to there is the same. The optimisers of the stages still to come
+        start fresh, as they would (none of them has stepped yet)."""
         state = torch.load(path, map_location=self.device, weights_only=False)
-        if state["step"] != self.cfg.symbolic_steps:
+        ends = {
+            self.cfg.symbolic_steps: (AFTER_STAGE_0, ("vision_optimizer", "optimizer"), "0"),
+            self.cfg.symbolic_steps + self.cfg.vision_steps: (AFTER_STAGE_1, ("optimizer",), "1"),
+        }
+        if state["step"] not in ends:
             raise SystemExit(
-                f"{path} was saved at step {state['step']}, not at the end of stage 0 "
-                f"(step {self.cfg.symbolic_steps})"
+                f"{path} was saved at step {state['step']}, not at the end of stage 0 or 1 "
+                f"(steps {', '.join(map(str, ends))})"
             )
+        free, later, stage = ends[state["step"]]
         saved = TrainConfig(**state["config"])
         differ = [
             f.name
             for f in fields(TrainConfig)
-            if f.name not in AFTER_STAGE_0 and getattr(saved, f.name) != getattr(self.cfg, f.name)
+            if f.name not in free and getattr(saved, f.name) != getattr(self.cfg, f.name)
         ]
         if differ:
-            raise SystemExit(f"{path} had another stage 0: it differs in {', '.join(differ)}")
-        later = ("vision_optimizer", "optimizer")
+            raise SystemExit(f"{path} had another stage {stage}: it differs in {', '.join(differ)}")
         for name, module in self._modules().items():
             if name not in later:
                 module.load_state_dict(state[name])
@@ -955,10 +972,11 @@ class Trainer:
             probe = cfg.probe_every and self.step % cfg.probe_every == 0
             if probe and self.step > chat_start:
                 self._probe()
-            if self.step % cfg.save_every == 0 or self.step in (end, cfg.symbolic_steps):
+            kept = {cfg.symbolic_steps: STAGE_0_STATE, chat_start: STAGE_1_STATE}
+            if self.step % cfg.save_every == 0 or self.step in (end, *kept):
                 self._save(seconds)
-            if self.step == cfg.symbolic_steps:
-                shutil.copyfile(self.state_path, self.state_path.with_name(STAGE_0_STATE))
+            if self.step in kept:
+                shutil.copyfile(self.state_path, self.state_path.with_name(kept[self.step]))
         return base_seconds + time.monotonic() - run_start
 
     def _symbolic_step(self, step: int) -> dict[str, float]:
@@ -1365,8 +1383,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--branch-from",
         type=Path,
-        help=f"start a new --state from another run's {STAGE_0_STATE} (its configuration "
-        "differs only in fields read after stage 0, AFTER_STAGE_0)",
+        help=f"start a new --state from another run's {STAGE_0_STATE} or {STAGE_1_STATE} "
+        "(its configuration differs only in fields read after that stage, AFTER_STAGE_0 or "
+        "AFTER_STAGE_1)",
     )
     parser.add_argument(
         "--stop-at",
