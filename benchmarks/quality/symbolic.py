@@ -87,17 +87,21 @@ def ground_in_words(
 
 def tile_kinds(labels: torch.Tensor) -> torch.Tensor:
     """Kinds of ``token_labels`` rows ``[tiles, patches, C]``: tile 0 is the base image."""
-    kinds = torch.where((labels[..., 0] > 0) | (labels[..., 2] > 0), OBJECT, BACKGROUND)
+    kinds = _cell_kinds(labels)
     kinds[0] = BASE_TILE
     return kinds
+
+
+def _cell_kinds(labels: torch.Tensor) -> torch.Tensor:
+    """OBJECT where a token's cell holds an object or a letter, else BACKGROUND."""
+    return torch.where((labels[..., 0] > 0) | (labels[..., 2] > 0), OBJECT, BACKGROUND)
 
 
 def batch_kinds(labels: torch.Tensor) -> torch.Tensor:
     """Kinds of the ``token_labels`` rows of several images at once (concatenated
     ``[tiles, patches, C]``): a base tile is one whose labels are unsupervised
     (-100), which no high-resolution tile's own colour is."""
-    kinds = torch.where((labels[..., 0] > 0) | (labels[..., 2] > 0), OBJECT, BACKGROUND)
-    return torch.where(labels[..., 0] < 0, BASE_TILE, kinds)
+    return torch.where(labels[..., 0] < 0, BASE_TILE, _cell_kinds(labels))
 
 
 def packed_layout(scene: Scene, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
