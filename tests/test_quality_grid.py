@@ -896,3 +896,138 @@ def test_symbolic_eval_scores_both_inputs_on_the_same_questions(tmp_path) -> Non
     objects = sum(int((tile_kinds(x) == OBJECT).sum()) for x in labels)
     assert fit["nearest_class"]["colour"]["tokens"] == objects
     assert all(0 <= r["accuracy"] <= 1 for r in fit["nearest_class"].values() if r["tokens"])
+
+
+def test_rows_loss_on_objects_compares_object_tokens_and_answer_positions(tmp_path) -> None:
+    """``chat_rows_positions`` "objects": the rows loss reads the decoder's hidden
+    states at the object tokens and the answer-predicting positions only (a
+    change at a background token leaves it, one at an object token or the
+    answer's query moves it), while "all" reads every position; another value
+    is refused by name."""
+    from dataclasses import replace
+
+    from benchmarks.quality.symbolic import OBJECT, packed_layout
+    from benchmarks.quality.train_grid import (
+        TrainConfig,
+        Trainer,
+        chat_losses,
+        make_batch,
+        token_labels,
+    )
+
+    with pytest.raises(ValueError, match="chat_rows_positions"):
+        TrainConfig(chat_rows_positions="visual")
+    cfg = TrainConfig(batch=2, chat_rows_positions="objects")
+    trainer = Trainer(cfg, tmp_path / "state", torch.device("cpu"))
+    batch = make_batch(trainer.processor, 0, cfg)
+    with torch.no_grad():
+        hidden = chat_losses(trainer.model, batch, trainer._align_loss)[3]
+        ids = batch.input_ids[0].tolist()
+        first = ids.index(trainer.model.config.image_token_index)
+        kinds, _ = packed_layout(batch.scenes[0], token_labels(batch.scenes[0]))
+        background = first + int((kinds != OBJECT).nonzero()[0])
+        obj = first + int((kinds == OBJECT).nonzero()[0])
+        query = next(q for r, q, _, _ in batch.looks if r == 0)
+
+        def loss(mode: str, at: int | None) -> float:
+            trainer.cfg = replace(cfg, chat_rows_positions=mode)
+            moved = [h.clone() for h in hidden]
+            if at is not None:
+                for h in moved[1:]:
+                    h[0, at] += 1.0
+            return trainer._rows_loss(batch, moved).item()
+
+        base = loss("objects", None)
+        assert 0 < base < float("inf")
+        assert loss("objects", background) == pytest.approx(base, rel=1e-6)
+        assert loss("objects", obj) > base and loss("objects", query) > base
+        assert loss("all", background) > loss("all", None)
+
+
+def test_vision_learning_rate_decays_over_its_last_share() -> None:
+    """``vision_decay_fraction``: constant after the warm-up until the last share
+    of the vision steps, then linear down to ``min_lr_ratio``; 0 keeps it constant."""
+    from benchmarks.quality.train_grid import TrainConfig, vision_lr_at
+
+    cfg = TrainConfig(vision_steps=200, vision_decay_fraction=0.5, warmup=10)
+    assert vision_lr_at(0, cfg) == pytest.approx(cfg.vision_lr / 10)
+    assert vision_lr_at(100, cfg) == pytest.approx(cfg.vision_lr)
+    assert vision_lr_at(150, cfg) < cfg.vision_lr
+    last = cfg.vision_lr * (1 - (1 - cfg.min_lr_ratio) * 99 / 100)  # one step short of the floor
+    assert vision_lr_at(199, cfg) == pytest.approx(last)
+    flat = TrainConfig(vision_steps=200, warmup=10)
+    assert {vision_lr_at(s, flat) for s in range(10, 200)} == {flat.vision_lr}
+
+
+def test_adjacent_objects_are_a_kind_of_their_own_in_the_balanced_regression(tmp_path) -> None:
+    """``align_adjacent``: an error on an object token with an object beside it
+    costs its squared norm over the number of such tokens, shared with the other
+    kinds as one more equal part; without it, over the number of all object
+    tokens. It needs ``align_balance``."""
+    from dataclasses import replace
+
+    from benchmarks.quality.symbolic import OBJECT, batch_kinds
+    from benchmarks.quality.train_grid import TrainConfig, Trainer, token_labels
+
+    with pytest.raises(ValueError, match="align_adjacent"):
+        TrainConfig(align_adjacent=True)
+    cfg = TrainConfig(align_balance=True, align_adjacent=True)
+    trainer = Trainer(cfg, tmp_path / "s", torch.device("cpu"))
+    sample = next(s for s in g.make_split("eval", 12) if s.family == "relation")
+    labels = token_labels(sample.scene)
+    kinds = batch_kinds(labels)
+    adjacent = (kinds == OBJECT) & (labels[..., 3:] > 0).any(-1)
+    assert adjacent.any() and (adjacent != (kinds == OBJECT)).any()
+    with torch.no_grad():
+        target = trainer.symbolic(kinds, labels)
+        moved = target.clone()
+        at = adjacent.nonzero()[0]
+        moved[at[0], at[1], 0] += 2.0  # squared error 4 on one adjacent object token
+
+        def cost(config: TrainConfig) -> float:
+            trainer.cfg = config
+            total = trainer._align_loss(moved, labels) - trainer._align_loss(target, labels)
+            heads = trainer.heads.loss(moved, labels)[0] - trainer.heads.loss(target, labels)[0]
+            return (total - heads).item()  # the regression's part
+
+        parts = len(kinds.unique()) + 1
+        assert cost(cfg) == pytest.approx(4.0 / int(adjacent.sum()) / parts, rel=1e-4)
+        plain = replace(cfg, align_adjacent=False)
+        assert cost(plain) == pytest.approx(
+            4.0 / int((kinds == OBJECT).sum()) / (parts - 1), rel=1e-4
+        )
+
+
+def test_channel_fit_reads_the_share_of_each_true_row_an_object_token_carries() -> None:
+    """``symbolic_eval.ChannelFit``: tokens equal to their symbolic rows carry
+    every channel with gain 1 and the nearest class right; with one neighbour
+    channel's row taken out, that channel's gain is 0 and no object beside a
+    token is found, while its all-class accuracy still counts the many tokens
+    whose neighbour is nothing (class 0) as right."""
+    from benchmarks.quality.symbolic import OBJECT, SymbolicFeatures, tile_kinds
+    from benchmarks.quality.symbolic_eval import ChannelFit
+    from benchmarks.quality.train_grid import CHANNELS, token_labels
+
+    torch.manual_seed(0)
+    symbolic = SymbolicFeatures(64, [n for _, n in CHANNELS])
+    names = [n for n, _ in CHANNELS]
+    whole, cut = ChannelFit(), {c: ChannelFit() for c in range(3, len(names))}
+    with torch.no_grad():
+        for sample in (s for s in g.make_split("eval", 24) if s.family == "relation"):
+            labels = token_labels(sample.scene)
+            at = tile_kinds(labels) == OBJECT
+            rows, known = symbolic(tile_kinds(labels), labels)[at], labels[at]
+            whole.add(symbolic, rows, rows, known)
+            for c, fit in cut.items():
+                fit.add(symbolic, rows - symbolic.tables[c](known[:, c].clamp(min=0)), rows, known)
+    full = whole.summary()
+    present = [n for n in names if full[n]["present_tokens"]]
+    assert set(names[:2]) < set(present) and len(set(names[3:]) & set(present)) >= 2
+    assert all(full[n]["gain"] == pytest.approx(1.0) for n in present)
+    assert all(full[n]["present_accuracy"] == 1.0 for n in present)
+    for c, fit in cut.items():
+        blind = fit.summary()
+        if names[c] in present:
+            assert blind[names[c]]["gain"] == pytest.approx(0.0, abs=1e-6)
+            assert blind[names[c]]["present_accuracy"] == 0.0
+            assert blind[names[c]]["accuracy"] > 0.5

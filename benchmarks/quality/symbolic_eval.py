@@ -17,7 +17,8 @@ between the tower's tokens and the rows the decoder learnt.
 squared error against its symbolic row relative to the row's squared norm,
 and per label channel, how often the object tokens' class is the nearest
 symbolic class once the other channels' true parts are taken out (what the
-decoder's lookup of that channel sees, unlike a freely fitted linear probe).
+decoder's lookup of that channel sees, unlike a freely fitted linear probe),
+and how much of the true class's row the token carries (``ChannelFit``).
 """
 
 from __future__ import annotations
@@ -87,14 +88,64 @@ def compare_inputs(trainer: Trainer, n: int, seed: int) -> dict[str, Any]:
     return out
 
 
+class ChannelFit:
+    """Per label channel, how the object tokens carry it: how often its class is
+    the nearest symbolic class once the other channels' true parts are taken
+    out (over every known class, and over the present ones, class > 0), and the
+    token's gain along its true class row (1: carried as the rows carry it).
+
+    The present-class figures are the ones to read for neighbour channels: most
+    object tokens have no object beside them, so the all-class accuracy is
+    mostly class 0, and v13e's tower scored 0.94-0.96 there while carrying
+    -0.17 to 0.00 of its object neighbours' rows.
+    """
+
+    def __init__(self) -> None:
+        self.known = [0] * len(CHANNELS)
+        self.hits = [0] * len(CHANNELS)
+        self.present = [0] * len(CHANNELS)
+        self.present_hits = [0] * len(CHANNELS)
+        self.gain = [0.0] * len(CHANNELS)
+
+    def add(
+        self, symbolic: Any, tokens: torch.Tensor, rows: torch.Tensor, labels: torch.Tensor
+    ) -> None:
+        """Object ``tokens`` with their symbolic ``rows`` and ``labels`` (one row each)."""
+        for c, table in enumerate(symbolic.tables):
+            own = table(labels[:, c].clamp(min=0))
+            rest = tokens - (rows - own)  # the token with the other channels' true parts out
+            picked = torch.cdist(rest, table.weight).argmin(-1)
+            known, present = labels[:, c] >= 0, labels[:, c] > 0
+            self.known[c] += int(known.sum())
+            self.hits[c] += int((picked[known] == labels[known, c]).sum())
+            self.present[c] += int(present.sum())
+            self.present_hits[c] += int((picked[present] == labels[present, c]).sum())
+            along = (rest[present] * own[present]).sum(-1) / own[present].pow(2).sum(-1)
+            self.gain[c] += along.sum().item()
+
+    def summary(self) -> dict[str, dict[str, Any]]:
+        """Per channel name: tokens, accuracy, present_tokens, present_accuracy, gain."""
+        out = {}
+        for c, (name, _) in enumerate(CHANNELS):
+            n, m = self.known[c], self.present[c]
+            out[name] = {
+                "tokens": n,
+                "accuracy": self.hits[c] / n if n else None,
+                "present_tokens": m,
+                "present_accuracy": self.present_hits[c] / m if m else None,
+                "gain": self.gain[c] / m if m else None,
+            }
+        return out
+
+
 @torch.no_grad()
 def tower_fit(trainer: Trainer, samples: Sequence[Any]) -> dict[str, Any]:
     """The tower's tokens against the symbolic rows of the same tiles: relative
-    squared error per kind, and per channel the nearest-class accuracy on object
-    tokens whose class is known (class 0, "nothing", is the zero row)."""
+    squared error per kind, and per channel how the object tokens carry it
+    (``ChannelFit``; class 0, "nothing", is the zero row)."""
     model, symbolic = trainer.model.model, trainer.symbolic
     error = {name: [0.0, 0.0, 0] for name in _KINDS}
-    hits = {name: [0, 0] for name, _ in CHANNELS}
+    channels = ChannelFit()
     for sample in samples:
         pixels = trainer.processor.image_processor(images=sample.image, return_tensors="pt")
         hidden = model.vision_tower(
@@ -109,25 +160,14 @@ def tower_fit(trainer: Trainer, samples: Sequence[Any]) -> dict[str, Any]:
             error[name][0] += (tokens[at] - target[at]).pow(2).sum().item()
             error[name][1] += target[at].pow(2).sum().item()
             error[name][2] += int(at.sum())
-        objects, known = tokens[kinds == OBJECT], labels[kinds == OBJECT]
-        rows = target[kinds == OBJECT]
-        for c, (name, _) in enumerate(CHANNELS):
-            table = symbolic.tables[c]
-            own = table(known[:, c].clamp(min=0))
-            rest = objects - (rows - own)  # the token with the other channels' true parts out
-            distance = torch.cdist(rest, table.weight)
-            picked = distance.argmin(-1)
-            at = known[:, c] >= 0
-            hits[name][0] += int((picked[at] == known[at, c]).sum())
-            hits[name][1] += int(at.sum())
+        at = kinds == OBJECT
+        channels.add(symbolic, tokens[at], target[at], labels[at])
     return {
         "kinds": {
             name: {"tokens": n, "relative_sq_error": e / t if t else None}
             for name, (e, t, n) in error.items()
         },
-        "nearest_class": {
-            name: {"tokens": n, "accuracy": h / n if n else None} for name, (h, n) in hits.items()
-        },
+        "nearest_class": channels.summary(),
     }
 
 
@@ -156,10 +196,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"tower vs rows, {name}: {r['tokens']} tokens, relative squared error "
             f"{r['relative_sq_error']:.3f}"
         )
-    print(
-        "nearest symbolic class on object tokens: "
-        + ", ".join(f"{name} {r['accuracy']:.2f}" for name, r in fit["nearest_class"].items())
-    )
+    print("object tokens per channel: nearest class (all / present), gain along the true row")
+    for name, r in fit["nearest_class"].items():
+        if r["present_tokens"]:
+            print(
+                f"  {name:12s} {r['accuracy']:.2f} / {r['present_accuracy']:.2f} "
+                f"({r['present_tokens']} present)  gain {r['gain']:+.2f}"
+            )
     if args.out:
         record = {"state": str(args.state), "step": trainer.step, "n": args.n, "seed": args.seed}
         record |= {"seconds": round(time.monotonic() - start, 1), "families": result}
